@@ -1,0 +1,55 @@
+"""The ``ctrlnet`` command: a thin layer that parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_convert(args) -> None:
+    from .formats import load_controlnet, save_controlnet
+    net = load_controlnet(args.src)
+    out = Path(args.out)
+    if args.to == "original" and out.suffix not in (".safetensors", ".pth"):
+        raise SystemExit(f"ctrlnet convert: --out {out} must end in .safetensors or .pth for --to original")
+    save_controlnet(net, out, format=args.to, half=args.half)
+    print(f"wrote {out} ({args.to}{', fp16' if args.half else ''})")
+
+
+def cmd_inspect(args) -> None:
+    from .formats import inspect_checkpoint
+    print(json.dumps(inspect_checkpoint(args.path), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctrlnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a ControlNet between formats (any input format is detected)")
+    p.add_argument("src", help="diffusers folder, or original .pth/.safetensors file")
+    p.add_argument("--to", required=True, choices=["diffusers", "original"])
+    p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors/.pth file (original)")
+    p.add_argument("--half", action="store_true", help="write fp16 weights")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="print what a ControlNet checkpoint holds, as JSON")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .formats.safe_load import CheckpointError
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CheckpointError as e:
+        print(f"ctrlnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

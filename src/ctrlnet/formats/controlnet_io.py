@@ -1,0 +1,339 @@
+"""ControlNet weights in every common format, read and written, detected from keys.
+
+Formats (``detect_format``):
+
+- ``diffusers``: a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors``
+  (``ControlNetModel``), or a single file with diffusers key names;
+- ``original``: lllyasviel v1.1 ControlNet-only files, keys ``control_model.*`` (or without
+  the prefix, as some community extracts are), ``.pth``/``.safetensors``, fp32 or fp16;
+- ``original-full``: v1.0 files holding the whole SD + ControlNet model; the ControlNet is
+  filtered out (``control_model.*``), also when nested under Lightning's ``state_dict``.
+
+Loading is strict: every key is accounted for, shapes must match, and an error lists the
+first missing / unexpected keys and shape mismatches (the original apps load with
+``strict=False`` and silently drop keys).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.controlnet import ControlNet, ControlNetConfig
+from .keymap import build_keymap
+from .safe_load import CheckpointError, read_state_dict, write_safetensors
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+KNOWN_BASES = ("sd15", "sd21", "sdxl")
+PREFIX = "control_model."
+CONFIG_METADATA_KEY = "ctrlnet_config"  # our exports carry their exact config in safetensors metadata
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                     "diffusion_pytorch_model.bin")
+# Structural fields: equal values mean the same weight layout.
+STRUCTURAL = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+              "use_linear_projection", "transformer_layers_per_block", "addition_embed_type", "mid_block_type")
+
+
+def known_base_unet_config(name: str) -> dict[str, Any]:
+    """The shipped diffusers UNet config of a known base (sd15, sd21, sdxl)."""
+    return json.loads((CONFIGS_DIR / name / "unet" / "config.json").read_text())
+
+
+def known_controlnet_config(name: str, **overrides) -> ControlNetConfig:
+    return ControlNetConfig.from_unet_config(known_base_unet_config(name), **overrides)
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def classify_base(config: ControlNetConfig) -> str:
+    """sd15 / sd21 / sdxl when the weight layout equals that base's, else custom."""
+    for name in KNOWN_BASES:
+        ref = known_controlnet_config(name)
+        if all(_norm(_expand(getattr(ref, f), ref)) == _norm(_expand(getattr(config, f), config)) for f in STRUCTURAL):
+            return name
+    return "custom"
+
+
+def _expand(value, config):
+    # transformer_layers_per_block=1 and (1, 1, 1, 1) are the same layout.
+    if isinstance(value, int) and not isinstance(value, bool) and value == config.transformer_layers_per_block:
+        return [value] * len(config.down_block_types)
+    return value
+
+
+# ---------------------------------------------------------------- detection
+
+def detect_format(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(PREFIX) for k in keys):
+        return "original-full" if any(k.startswith("model.diffusion_model.") for k in keys) else "original"
+    if any(k.startswith(("input_hint_block.", "zero_convs.")) for k in keys):
+        return "original"  # community extract without the control_model. prefix
+    if any(k.startswith(("controlnet_cond_embedding.", "controlnet_down_blocks.")) for k in keys):
+        return "diffusers"
+    sample = ", ".join(keys[:5])
+    raise CheckpointError(f"not a ControlNet checkpoint: no control_model.*, input_hint_block.* or "
+                          f"controlnet_cond_embedding.* keys (first keys: {sample})")
+
+
+def original_controlnet_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original-format ControlNet tensors without the ``control_model.`` prefix; a v1.0 full
+    model's other parts (UNet, VAE, CLIP, schedule buffers) are left out."""
+    if any(k.startswith(PREFIX) for k in sd):
+        return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
+    return dict(sd)
+
+
+# ---------------------------------------------------------------- config inference
+
+def infer_config(original: dict[str, torch.Tensor]) -> ControlNetConfig:
+    """The architecture of an original-format ControlNet, read off its keys and shapes.
+
+    Attention head counts and GroupNorm groups leave no trace in the weights: when the
+    layout matches a known base (SD1.5, SD2.x, SDXL) its full config is used; otherwise
+    the SD conventions (8 heads with conv projections, 64-channel heads with linear ones,
+    32 groups) are assumed. ctrlnet's own exports carry their exact config instead.
+    """
+    try:
+        ch0, in_ch = original["input_blocks.0.0.weight"].shape[:2]
+    except KeyError:
+        raise CheckpointError("not an original-format ControlNet: no input_blocks.0.0.weight") from None
+    hint_idx = sorted({int(m[1]) for k in original if (m := re.match(r"input_hint_block\.(\d+)\.weight$", k))})
+    if not hint_idx or hint_idx[0] != 0:
+        raise CheckpointError("no input_hint_block.0.weight: not a ControlNet (or a T2I-Adapter / other model)")
+    hint_w = [original[f"input_hint_block.{i}.weight"] for i in hint_idx]
+    cond_ch = hint_w[0].shape[1]
+    hint_channels = (hint_w[0].shape[0],) + tuple(w.shape[0] for w in hint_w[2:-1:2])
+
+    blocks = sorted({int(m[1]) for k in original if (m := re.match(r"input_blocks\.(\d+)\.", k))})
+    ops = sorted({int(m[1]) for k in original if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k))})
+    L = ops[0] - 1 if ops else blocks[-1]
+    n_levels = len(ops) + 1
+    channels, types, depth = [], [], []
+    for b in range(n_levels):
+        first = 1 + b * (L + 1)
+        channels.append(original[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        tb = {int(m[1]) for k in original
+              if (m := re.match(rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.", k))}
+        types.append("CrossAttnDownBlock2D" if tb else "DownBlock2D")
+        depth.append(len(tb) if tb else 1)
+    proj = next((v for k, v in original.items() if k.endswith(".proj_in.weight")), None)
+    to_k = next((v for k, v in original.items() if k.endswith("attn2.to_k.weight")), None)
+    use_linear = proj is not None and proj.ndim == 2
+    mid_attn = any(k.startswith("middle_block.1.transformer_blocks.") for k in original)
+    d = dict(
+        in_channels=int(in_ch), conditioning_channels=int(cond_ch), block_out_channels=tuple(int(c) for c in channels),
+        layers_per_block=int(L), down_block_types=tuple(types),
+        transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else tuple(depth),
+        cross_attention_dim=int(to_k.shape[1]) if to_k is not None else 1280,
+        use_linear_projection=use_linear,
+        attention_head_dim=tuple(max(1, int(c) // 64) for c in channels) if use_linear else 8,
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_attn else "UNetMidBlock2D",
+        conditioning_embedding_out_channels=tuple(int(c) for c in hint_channels),
+    )
+    if "label_emb.0.0.weight" in original:  # SDXL: pooled text embeds + 6 size/crop ids
+        d.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=int(original["label_emb.0.0.weight"].shape[1]))
+    config = ControlNetConfig(**d)
+    base = classify_base(config)
+    if base != "custom":
+        config = known_controlnet_config(base, conditioning_channels=config.conditioning_channels,
+                                         conditioning_embedding_out_channels=config.conditioning_embedding_out_channels)
+    return config
+
+
+# ---------------------------------------------------------------- strict loading
+
+def load_strict(net: ControlNet, tensors: dict[str, torch.Tensor], source: str) -> None:
+    own = net.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{len(items)} {title}: {', '.join(items[:5])}{more}")
+        raise CheckpointError(f"{source}: weights do not fit this ControlNet architecture ({net_summary(net)}); "
+                              + "; ".join(parts) + ". Check that the checkpoint matches the base model, "
+                              "or pass the right config.")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(tensors[k].to(v.dtype))
+
+
+def net_summary(net: ControlNet) -> str:
+    c = net.config
+    return (f"base={classify_base(c)}, channels={list(c.block_out_channels)}, "
+            f"cross_attention_dim={c.cross_attention_dim}")
+
+
+def _config_from_metadata(metadata: dict[str, str]) -> ControlNetConfig | None:
+    if CONFIG_METADATA_KEY in metadata:
+        return ControlNetConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    return None
+
+
+def _read_diffusers_config(path: Path) -> ControlNetConfig:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the ControlNet config: {e}") from None
+    cls = raw.get("_class_name", "ControlNetModel")
+    if cls != "ControlNetModel":
+        raise CheckpointError(f"{path}: _class_name is {cls!r}; ctrlnet reads ControlNetModel folders only")
+    try:
+        return ControlNetConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unsupported ControlNet config: {e}") from None
+
+
+def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = None,
+                    dtype: torch.dtype | None = None) -> ControlNet:
+    """A ControlNet from any supported format (see module docstring), detected automatically.
+
+    ``config`` overrides what is read or inferred (needed only for custom architectures saved
+    by other tools, whose head counts the weights cannot tell).
+    """
+    path = Path(path)
+    if isinstance(config, dict):
+        config = ControlNetConfig.from_dict(config)
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{path}: a diffusers ControlNet folder needs config.json")
+        weights = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)}) next to config.json")
+        tensors, _ = read_state_dict(weights)
+        if detect_format(tensors) != "diffusers":
+            raise CheckpointError(f"{weights}: expected diffusers key names in a diffusers folder")
+        net = ControlNet(config or _read_diffusers_config(cfg_path))
+        load_strict(net, tensors, str(weights))
+        return net.to(dtype) if dtype else net
+
+    tensors, metadata = read_state_dict(path)
+    fmt = detect_format(tensors)
+    config = config or _config_from_metadata(metadata)
+    if fmt == "diffusers":
+        sibling = path.parent / "config.json"
+        if config is None and sibling.is_file():
+            config = _read_diffusers_config(sibling)
+        if config is None:
+            # No config: map to original names and read the architecture off the shapes.
+            L = len({k.split(".")[3] for k in tensors if k.startswith("down_blocks.0.resnets.")})
+            n_hint = len({k.split(".")[2] for k in tensors if k.startswith("controlnet_cond_embedding.blocks.")})
+            keymap = build_keymap(tensors.keys(), L, n_hint)
+            config = infer_config({keymap[k]: v for k, v in tensors.items()})
+        net = ControlNet(config)
+        load_strict(net, tensors, str(path))
+    else:
+        original = original_controlnet_tensors(tensors)
+        net = ControlNet(config or infer_config(original))
+        keymap = build_keymap(net.state_dict().keys(), net.config.layers_per_block,
+                              len(net.config.conditioning_embedding_out_channels) * 2 - 2)
+        inverse = {o: d for d, o in keymap.items()}
+        own = net.state_dict()
+        converted = {}
+        for k, v in original.items():
+            if k in inverse:
+                target = own[inverse[k]]
+                # SD2.x files from some tools store 1x1-conv projections where diffusers uses linear (or back).
+                if k.endswith((".proj_in.weight", ".proj_out.weight")) and v.ndim != target.ndim \
+                        and v.numel() == target.numel():
+                    v = v.reshape(target.shape)
+                converted[inverse[k]] = v
+            else:
+                converted["control_model." + k] = v  # reported as unexpected under its file name
+        load_strict(net, converted, str(path))
+    return net.to(dtype) if dtype else net
+
+
+# ---------------------------------------------------------------- writing
+
+def diffusers_config_dict(config: ControlNetConfig) -> dict[str, Any]:
+    import diffusers
+    d = config.to_dict()
+    if d.pop("conditioning_downsample_factor") is not None:
+        raise CheckpointError(
+            f"this ControlNet's hint encoder downsamples by {config.hint_downsample_factor}, which the diffusers and "
+            "original formats cannot express; save it with ctrlnet's own format (save_controlnet(..., "
+            "format='ctrlnet'))")
+    return {"_class_name": "ControlNetModel", "_diffusers_version": diffusers.__version__, **d}
+
+
+def save_controlnet(net: ControlNet, out: str | Path, format: str = "diffusers", half: bool = False) -> Path:
+    """Write ``net`` as a diffusers folder, an original-format file, or ctrlnet's own folder.
+
+    - ``diffusers``: ``out/config.json`` + ``out/diffusion_pytorch_model.safetensors``;
+    - ``original``: one file of ``control_model.*`` tensors with the exact original names
+      and shapes (``.safetensors``, or ``.pth`` as a plain tensor dict that loads with
+      ``weights_only=True``);
+    - ``ctrlnet``: the diffusers layout with every config field kept, for architectures
+      diffusers cannot express (e.g. a pixel-space hint encoder).
+    """
+    out = Path(out)
+    tensors = {k: v.detach().to("cpu") for k, v in net.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    if format in ("diffusers", "ctrlnet"):
+        config = diffusers_config_dict(net.config) if format == "diffusers" else \
+            {"_class_name": "ControlNetModel", **net.config.to_dict()}
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(tensors, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        tmp.replace(out / "config.json")
+        return out
+    if format == "original":
+        diffusers_config_dict(net.config)  # same representability check
+        c = net.config
+        keymap = build_keymap(tensors.keys(), c.layers_per_block, len(c.conditioning_embedding_out_channels) * 2 - 2)
+        original = {PREFIX + keymap[k]: v for k, v in tensors.items()}
+        if out.suffix == ".safetensors":
+            write_safetensors(original, out, {"format": "pt", CONFIG_METADATA_KEY: json.dumps(c.to_dict())})
+        elif out.suffix in (".pth", ".pt", ".ckpt"):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            torch.save(original, tmp)
+            tmp.replace(out)
+        else:
+            raise CheckpointError(f"{out}: original-format output must end in .safetensors or .pth")
+        return out
+    raise ValueError(f"unknown format {format!r}: expected diffusers, original or ctrlnet")
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What a ControlNet file or folder holds: format, base, parameters, dtype, residuals."""
+    path = Path(path)
+    if path.is_dir():
+        fmt = "diffusers"
+        weights = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: no diffusers weights file in this folder")
+        tensors, _ = read_state_dict(weights)
+    else:
+        tensors, _ = read_state_dict(path)
+        fmt = detect_format(tensors)
+    net = load_controlnet(path)
+    control = {k: v for k, v in tensors.items()
+               if fmt != "original-full" or k.startswith(PREFIX)}
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in control.values()})
+    return {
+        "path": str(path), "format": fmt, "base": classify_base(net.config),
+        "parameters": sum(v.numel() for v in control.values()), "tensors": len(control),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "residuals": net.config.num_residuals,
+        "conditioning_channels": net.config.conditioning_channels,
+        "cross_attention_dim": net.config.cross_attention_dim,
+        "block_out_channels": list(net.config.block_out_channels),
+        "global_pool_conditions": net.config.global_pool_conditions,
+    }

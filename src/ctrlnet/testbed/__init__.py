@@ -1,0 +1,1 @@
+"""The embedded default: tiny random models for tests and demos (``tiny``)."""
