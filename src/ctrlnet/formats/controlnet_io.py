@@ -148,6 +148,14 @@ def infer_config(original: dict[str, torch.Tensor]) -> ControlNetConfig:
     return config
 
 
+def infer_config_from_diffusers_keys(tensors: dict[str, torch.Tensor]) -> ControlNetConfig:
+    """``infer_config`` for a single file with diffusers key names and no config.json."""
+    L = len({k.split(".")[3] for k in tensors if k.startswith("down_blocks.0.resnets.")})
+    n_hint = len({k.split(".")[2] for k in tensors if k.startswith("controlnet_cond_embedding.blocks.")})
+    keymap = build_keymap(tensors.keys(), L, n_hint)
+    return infer_config({keymap[k]: v for k, v in tensors.items()})
+
+
 # ---------------------------------------------------------------- strict loading
 
 def load_strict(net: ControlNet, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -165,6 +173,9 @@ def load_strict(net: ControlNet, tensors: dict[str, torch.Tensor], source: str) 
         raise CheckpointError(f"{source}: weights do not fit this ControlNet architecture ({net_summary(net)}); "
                               + "; ".join(parts) + ". Check that the checkpoint matches the base model, "
                               "or pass the right config.")
+    dtypes = [v.dtype for v in tensors.values() if v.is_floating_point()]
+    net.to(max(set(dtypes), key=dtypes.count))  # keep the file's precision; callers cast with dtype=
+    own = net.state_dict()
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(tensors[k].to(v.dtype))
@@ -196,11 +207,20 @@ def _read_diffusers_config(path: Path) -> ControlNetConfig:
         raise CheckpointError(f"{path}: unsupported ControlNet config: {e}") from None
 
 
+def _build(config: ControlNetConfig, path: Path) -> ControlNet:
+    try:
+        return ControlNet(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the architecture read off this file cannot be built ({e}); pass its "
+                              "config explicitly (load_controlnet(path, config=...))") from None
+
+
 def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = None,
                     dtype: torch.dtype | None = None) -> ControlNet:
     """A ControlNet from any supported format (see module docstring), detected automatically.
 
-    ``config`` overrides what is read or inferred (needed only for custom architectures saved
+    The net comes back in the file's precision unless ``dtype`` is given. ``config``
+    overrides what is read or inferred (needed only for custom architectures saved
     by other tools, whose head counts the weights cannot tell).
     """
     path = Path(path)
@@ -228,16 +248,12 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
         if config is None and sibling.is_file():
             config = _read_diffusers_config(sibling)
         if config is None:
-            # No config: map to original names and read the architecture off the shapes.
-            L = len({k.split(".")[3] for k in tensors if k.startswith("down_blocks.0.resnets.")})
-            n_hint = len({k.split(".")[2] for k in tensors if k.startswith("controlnet_cond_embedding.blocks.")})
-            keymap = build_keymap(tensors.keys(), L, n_hint)
-            config = infer_config({keymap[k]: v for k, v in tensors.items()})
-        net = ControlNet(config)
+            config = infer_config_from_diffusers_keys(tensors)
+        net = _build(config, path)
         load_strict(net, tensors, str(path))
     else:
         original = original_controlnet_tensors(tensors)
-        net = ControlNet(config or infer_config(original))
+        net = _build(config or infer_config(original), path)
         keymap = build_keymap(net.state_dict().keys(), net.config.layers_per_block,
                               len(net.config.conditioning_embedding_out_channels) * 2 - 2)
         inverse = {o: d for d, o in keymap.items()}
@@ -312,28 +328,37 @@ def save_controlnet(net: ControlNet, out: str | Path, format: str = "diffusers",
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """What a ControlNet file or folder holds: format, base, parameters, dtype, residuals."""
+    """What a ControlNet file or folder holds: format, base, parameters, dtype, residuals.
+
+    Reads the config (folder, metadata) or infers it from the shapes; builds no model.
+    """
     path = Path(path)
     if path.is_dir():
         fmt = "diffusers"
         weights = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), None)
-        if weights is None:
-            raise CheckpointError(f"{path}: no diffusers weights file in this folder")
+        if weights is None or not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a diffusers ControlNet folder (config.json + weights)")
         tensors, _ = read_state_dict(weights)
+        config = _read_diffusers_config(path / "config.json")
+        control = tensors
     else:
-        tensors, _ = read_state_dict(path)
+        tensors, metadata = read_state_dict(path)
         fmt = detect_format(tensors)
-    net = load_controlnet(path)
-    control = {k: v for k, v in tensors.items()
-               if fmt != "original-full" or k.startswith(PREFIX)}
+        config = _config_from_metadata(metadata)
+        if fmt == "diffusers":
+            control = tensors
+            config = config or infer_config_from_diffusers_keys(tensors)
+        else:
+            control = original_controlnet_tensors(tensors)
+            config = config or infer_config(control)
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in control.values()})
     return {
-        "path": str(path), "format": fmt, "base": classify_base(net.config),
+        "path": str(path), "format": fmt, "base": classify_base(config),
         "parameters": sum(v.numel() for v in control.values()), "tensors": len(control),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "residuals": net.config.num_residuals,
-        "conditioning_channels": net.config.conditioning_channels,
-        "cross_attention_dim": net.config.cross_attention_dim,
-        "block_out_channels": list(net.config.block_out_channels),
-        "global_pool_conditions": net.config.global_pool_conditions,
+        "residuals": config.num_residuals,
+        "conditioning_channels": config.conditioning_channels,
+        "cross_attention_dim": config.cross_attention_dim,
+        "block_out_channels": list(config.block_out_channels),
+        "global_pool_conditions": config.global_pool_conditions,
     }
