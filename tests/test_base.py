@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from ctrlnet.base import BaseLoadError, check_tokenizer, detect_single_file_kind, load_base, load_tokenizer
 from ctrlnet.models import ControlNet
 from ctrlnet.testbed.tiny import write_byte_tokenizer, write_tiny_base
-from helpers import sd15_single_file
+from helpers import sd15_single_file, single_file
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +63,18 @@ def test_missing_parts_and_paths(tmp_path):
         load_base(tmp_path / "empty")
 
 
-def test_single_file_checkpoint_equals_the_folder(tmp_path, tiny_bases):
-    folder = load_base(tiny_bases["sd15"])
-    sd = sd15_single_file(folder)
-    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "tiny-sd15.safetensors")
-    assert detect_single_file_kind(sd) == "sd15"
-    single = load_base(tmp_path / "tiny-sd15.safetensors", config_dir=tiny_bases["sd15"])
-    for name in ("unet", "vae", "text_encoder"):
+@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
+def test_single_file_checkpoint_equals_the_folder(tmp_path, tiny_bases, family):
+    folder = load_base(tiny_bases[family])
+    sd = single_file(folder)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "tiny.safetensors")
+    assert detect_single_file_kind(sd) == family
+    single = load_base(tmp_path / "tiny.safetensors", config_dir=tiny_bases[family])
+    assert single.prediction_type == folder.prediction_type
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(folder, name) is None:
+            assert getattr(single, name) is None
+            continue
         a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
         assert set(a) - {k for k in a if k.endswith("position_ids")} <= set(b), name
         assert all(torch.equal(a[k], b[k]) for k in a if k in b), name
@@ -78,7 +83,7 @@ def test_single_file_checkpoint_equals_the_folder(tmp_path, tiny_bases):
     del sd["model.diffusion_model.out.2.weight"]
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "broken.safetensors")
     with pytest.raises(BaseLoadError, match="out.2.weight"):
-        load_base(tmp_path / "broken.safetensors", config_dir=tiny_bases["sd15"])
+        load_base(tmp_path / "broken.safetensors", config_dir=tiny_bases[family])
 
 
 def test_single_file_without_tokenizer_says_what_to_pass(tmp_path, tiny_bases):

@@ -199,6 +199,10 @@ def unet_from_original(checkpoint: dict[str, torch.Tensor], unet_config: dict, s
 
 
 def _load_strict(module, tensors: dict, source: str, what: str):
+    own = module.state_dict()
+    if not any(k.startswith("text_model.") for k in own):
+        # transformers 5 names CLIPTextModel weights without the classic "text_model." prefix
+        tensors = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in tensors.items()}
     result = module.load_state_dict(tensors, strict=False)
     # position_ids is a buffer some transformers versions keep and others drop
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
