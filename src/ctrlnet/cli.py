@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError, OSError) as e:  # user-facing: one line, no traceback
         print(f"ctrlnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -51,20 +51,20 @@ def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
+def _layout(config: ControlNetConfig) -> dict[str, Any]:
+    d = {f: _norm(getattr(config, f)) for f in STRUCTURAL}
+    if isinstance(d["transformer_layers_per_block"], int):  # 1 and (1, 1, 1, 1) are the same layout
+        d["transformer_layers_per_block"] = [d["transformer_layers_per_block"]] * len(config.down_block_types)
+    return d
+
+
 def classify_base(config: ControlNetConfig) -> str:
     """sd15 / sd21 / sdxl when the weight layout equals that base's, else custom."""
+    layout = _layout(config)
     for name in KNOWN_BASES:
-        ref = known_controlnet_config(name)
-        if all(_norm(_expand(getattr(ref, f), ref)) == _norm(_expand(getattr(config, f), config)) for f in STRUCTURAL):
+        if _layout(known_controlnet_config(name)) == layout:
             return name
     return "custom"
-
-
-def _expand(value, config):
-    # transformer_layers_per_block=1 and (1, 1, 1, 1) are the same layout.
-    if isinstance(value, int) and not isinstance(value, bool) and value == config.transformer_layers_per_block:
-        return [value] * len(config.down_block_types)
-    return value
 
 
 # ---------------------------------------------------------------- detection
