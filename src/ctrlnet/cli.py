@@ -23,6 +23,12 @@ def cmd_inspect(args) -> None:
     print(json.dumps(inspect_checkpoint(args.path), indent=2))
 
 
+def cmd_data_shapes(args) -> None:
+    from .testbed.shapes import generate
+    out = generate(args.out, args.n, seed=args.seed, size=args.size, fill50k=args.fill50k, workers=args.workers)
+    print(f"wrote {args.n} ShapesWorld samples to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrlnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print what a ControlNet checkpoint holds, as JSON")
     p.add_argument("path")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("data", help="make data sets")
+    data = p.add_subparsers(dest="dataset", required=True)
+    p = data.add_parser("shapes", help="ShapesWorld: flat shapes with captions, condition maps and exact metadata")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--fill50k", action="store_true", help="the fill50k recipe: one circle, outline condition")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
+    p.set_defaults(func=cmd_data_shapes)
     return parser
 
 
