@@ -1,9 +1,9 @@
 """`ctrlnet convert` and `ctrlnet inspect` as a user runs them (subprocess, installed entry point)."""
 
 import json
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -12,9 +12,10 @@ from conftest import randomize
 
 
 def run(*args):
-    exe = shutil.which("ctrlnet") or sys.executable
-    cmd = [exe, *args] if exe.endswith("ctrlnet") else [exe, "-m", "ctrlnet.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    """The installed console script of this environment (pyproject's entry point)."""
+    exe = Path(sys.executable).parent / "ctrlnet"
+    assert exe.is_file(), "the ctrlnet entry point is not installed in this environment"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
 
 
 def test_convert_and_inspect(tmp_path, controlnet):
