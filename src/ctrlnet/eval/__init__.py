@@ -1,0 +1,1 @@
+"""Metrics: how well images follow their prompts and conditions (ShapesWorld scores exactly)."""
