@@ -14,8 +14,10 @@ def test_images_are_finite_sized_and_reproducible(tmp_path, family):
     base = load_base(write_tiny_base(tmp_path / family, family))
     a = text_to_image(base, ["a red circle", "a blue square"], steps=3, guidance=2.0, seed=5)
     assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
-    b = text_to_image(base, ["a blue square"], steps=3, guidance=2.0, seed=6)  # sample 1 of seed 5 = sample 0 of 6
-    assert np.array_equal(a[1], b[0])
+    assert np.array_equal(a, text_to_image(base, ["a red circle", "a blue square"], steps=3, guidance=2.0, seed=5))
+    # Sample 1 of seed 5 is sample 0 of seed 6 (same noise; batch size changes only float rounding).
+    b = text_to_image(base, ["a blue square"], steps=3, guidance=2.0, seed=6)
+    assert np.abs(a[1].astype(int) - b[0]).max() <= 2
     if family == "sd15":  # (the random tiny sd21 text path is too weak to move uint8 pixels)
         c = text_to_image(base, ["a red circle"], steps=3, guidance=2.0, seed=6)
         assert not np.array_equal(b[0], c[0])  # the prompt matters
