@@ -192,7 +192,7 @@ def unet_from_original(checkpoint: dict[str, torch.Tensor], unet_config: dict, s
     unexpected = [k for k in original if k not in inverse]
     mismatched = [k for k, d in inverse.items() if k in original and original[k].numel() != own[d].numel()]
     if missing or unexpected or mismatched:
-        raise BaseLoadError(f"{source}: UNet weights do not fit the {unet_config.get('_kind', 'chosen')} config: "
+        raise BaseLoadError(f"{source}: UNet weights do not fit the UNet config: "
                             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}")
     unet.load_state_dict({d: original[o].reshape(own[d].shape) for o, d in inverse.items()}, strict=True)
     return unet
@@ -227,12 +227,11 @@ def _load_single_file(path: Path, tokenizer, config_dir, prediction_type) -> Bas
 
     te_config = CLIPTextConfig.from_dict(_read_json(cfg_dir / "text_encoder" / "config.json"))
     text_encoder_2 = tokenizer_2 = None
+    text_encoder = CLIPTextModel(te_config)
     if kind == "sd21":
-        text_encoder = CLIPTextModel(te_config)
         tensors = convert_open_clip_checkpoint(text_encoder, checkpoint, prefix="cond_stage_model.model.")
         tensors.pop("text_projection.weight", None)  # CLIPTextModel has no projection
     else:
-        text_encoder = CLIPTextModel(te_config)
         tensors = convert_ldm_clip_checkpoint(checkpoint)
     _load_strict(text_encoder, tensors, str(path), "text encoder")
     if kind == "sdxl":

@@ -405,6 +405,15 @@ def export(run: Path, out: Path) -> Path:
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, indent=2))
     vae_state = json.loads((run / "vae" / "state.json").read_text())
     (out / "TRAINING.json").write_text(json.dumps({
+        "commands": [
+            "ctrlnet data shapes --n 50000 --out data/shapes-train --seed 0",
+            f"python -m ctrlnet.testbed.nano vae --data data/shapes-train --run RUN --seed {vae_state.get('seed', 0)} "
+            f"--minutes {math.ceil(vae_state['elapsed'] / 60)}",
+            f"python -m ctrlnet.testbed.nano sd --data data/shapes-train --run RUN --seed {state.get('seed', 0)} "
+            f"--minutes {math.ceil(state['elapsed'] / 60)}",
+            "python -m ctrlnet.testbed.nano export --run RUN --out src/ctrlnet/testbed/nano-sd"],
+        "note": "stages stop on wall time: rerunning reproduces the recipe, not these bytes; the step counts are exact",
+        "machine": "2 vCPU (AMD EPYC), torch 2.13.0 CPU, fp32",
         "vae": {"steps": vae_state["step"], "minutes": round(vae_state["elapsed"] / 60, 1)},
         "sd": {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                "scaling_factor": state["scaling_factor"]}}, indent=2) + "\n")
@@ -421,14 +430,15 @@ def main(argv=None):
         p.add_argument("--run", required=True, type=Path, help="run folder: checkpoints, logs; resumes from it")
         p.add_argument("--minutes", type=float, required=True, help="total wall-time budget of this stage")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--limit", type=int, default=None, help="use the first N samples only")
     p = sub.add_parser("export")
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.stage == "vae":
-        train_vae(args.data, args.run, args.minutes, seed=args.seed)
+        train_vae(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
     elif args.stage == "sd":
-        train_sd(args.data, args.run, args.minutes, seed=args.seed)
+        train_sd(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
     else:
         print(export(args.run, args.out))
 
