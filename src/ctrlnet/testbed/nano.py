@@ -243,14 +243,15 @@ def train_vae(data: Path, run: Path, minutes: float, batch: int = 16, crop: int 
             log(stage="vae", step=step, loss=round(loss.item(), 5), psnr=round(psnr, 2),
                 minutes=round((time.time() - start) / 60, 2))
         if step % save_every == 0:
-            _save_vae(out, vae, opt, step, time.time() - start)
-    _save_vae(out, vae, opt, step, time.time() - start)
+            _save_vae(out, vae, opt, step, time.time() - start, seed, limit)
+    _save_vae(out, vae, opt, step, time.time() - start, seed, limit)
 
 
-def _save_vae(out, vae, opt, step, elapsed):
+def _save_vae(out, vae, opt, step, elapsed, seed, limit):
     opt_t, opt_s = optimizer_tensors(opt, "opt")
     save_state(out, {**flat("vae", vae.state_dict()), **opt_t},
-               {"step": step, "elapsed": elapsed, "optimizer": opt_s, "rng": rng_state(), "config": VAE_CONFIG})
+               {"step": step, "elapsed": elapsed, "optimizer": opt_s, "rng": rng_state(), "config": VAE_CONFIG,
+                "seed": seed, "limit": limit})
 
 
 def load_trained_vae(run: Path):
@@ -361,15 +362,16 @@ def train_sd(data: Path, run: Path, minutes: float, batch: int = 64, lr: float =
                 minutes=round((time.time() - start) / 60, 2), lr=sched.get_last_lr()[0])
             window = []
         if step % save_every == 0:
-            _save_sd(out, unet, text_encoder, ema_unet, ema_text, opt, sched, step, time.time() - start, scale)
-    _save_sd(out, unet, text_encoder, ema_unet, ema_text, opt, sched, step, time.time() - start, scale)
+            _save_sd(out, unet, text_encoder, ema_unet, ema_text, opt, sched, step, time.time() - start, scale,
+                     seed, limit)
+    _save_sd(out, unet, text_encoder, ema_unet, ema_text, opt, sched, step, time.time() - start, scale, seed, limit)
 
 
-def _save_sd(out, unet, text, ema_unet, ema_text, opt, sched, step, elapsed, scale):
+def _save_sd(out, unet, text, ema_unet, ema_text, opt, sched, step, elapsed, scale, seed, limit):
     opt_t, opt_s = optimizer_tensors(opt, "opt")
     tensors = {**flat("unet", unet.state_dict()), **flat("text", text.state_dict()),
                **flat("ema_unet", ema_unet.state_dict()), **flat("ema_text", ema_text.state_dict()), **opt_t}
-    save_state(out, tensors, {"step": step, "elapsed": elapsed, "optimizer": opt_s,
+    save_state(out, tensors, {"step": step, "elapsed": elapsed, "optimizer": opt_s, "seed": seed, "limit": limit,
                               "lr_scheduler": sched.state_dict(), "rng": rng_state(), "scaling_factor": scale})
 
 
@@ -408,9 +410,9 @@ def export(run: Path, out: Path) -> Path:
         "commands": [
             "ctrlnet data shapes --n 50000 --out data/shapes-train --seed 0",
             f"python -m ctrlnet.testbed.nano vae --data data/shapes-train --run RUN --seed {vae_state.get('seed', 0)} "
-            f"--minutes {math.ceil(vae_state['elapsed'] / 60)}",
+            f"--minutes {math.ceil(vae_state['elapsed'] / 60)}" + _limit_arg(vae_state),
             f"python -m ctrlnet.testbed.nano sd --data data/shapes-train --run RUN --seed {state.get('seed', 0)} "
-            f"--minutes {math.ceil(state['elapsed'] / 60)}",
+            f"--minutes {math.ceil(state['elapsed'] / 60)}" + _limit_arg(state),
             "python -m ctrlnet.testbed.nano export --run RUN --out src/ctrlnet/testbed/nano-sd"],
         "note": "stages stop on wall time: rerunning reproduces the recipe, not these bytes; the step counts are exact",
         "machine": "2 vCPU (AMD EPYC), torch 2.13.0 CPU, fp32",
@@ -418,6 +420,10 @@ def export(run: Path, out: Path) -> Path:
         "sd": {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                "scaling_factor": state["scaling_factor"]}}, indent=2) + "\n")
     return out
+
+
+def _limit_arg(state: dict) -> str:
+    return f" --limit {state['limit']}" if state.get("limit") else ""
 
 
 def main(argv=None):
