@@ -44,7 +44,15 @@ def test_vae_and_sd_stages_resume_exactly(tmp_path, data):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["ema_unet.conv_in.weight"], a["unet.conv_in.weight"])
 
+    # Decoder-only fine-tuning leaves the encoder (so the latents) untouched.
+    before = weights(straight / "vae")
+    nano.train_decoder(data, straight, minutes=10, batch=2, max_steps=2, limit=16)
+    after = weights(straight / "decoder")
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith(("vae.encoder.", "vae.quant_conv.")))
+    assert not torch.equal(before["vae.decoder.conv_out.weight"], after["vae.decoder.conv_out.weight"])
+
     out = nano.export(straight, tmp_path / "nano-sd")
+    assert "decoder" in json.loads((out / "TRAINING.json").read_text())
     from ctrlnet.base import load_base
     base = load_base(out)
     assert base.prediction_type == "v_prediction" and base.scheduler.config.rescale_betas_zero_snr

@@ -255,11 +255,68 @@ def _save_vae(out, vae, opt, step, elapsed, seed, limit):
 
 
 def load_trained_vae(run: Path):
+    """The trained VAE; with the decoder of the ``decoder`` stage when that stage has run."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
     vae = AutoencoderKL(**VAE_CONFIG)
     vae.load_state_dict(unflat("vae", load_file(run / "vae" / "state.safetensors")))
+    if (run / "decoder" / "state.json").is_file():
+        vae.load_state_dict(unflat("vae", load_file(run / "decoder" / "state.safetensors")))
     return vae.eval().requires_grad_(False)
+
+
+def train_decoder(data: Path, run: Path, minutes: float, batch: int = 16, crop: int = 64, lr: float = 5e-4,
+                  seed: int = 0, save_every: int = 100, limit: int | None = None,
+                  max_steps: int | None = None) -> None:
+    """Fine-tune the VAE decoder only, on posterior means, with cosine LR decay over ``minutes``.
+
+    The encoder is frozen, so latents (and a UNet trained on them) stay valid.
+    Resumes from run/decoder/ if present.
+    """
+    from safetensors.torch import load_file
+    out = run / "decoder"
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(run / "decoder.log.jsonl")
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    vae = load_trained_vae(run)
+    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder_params, lr=lr, weight_decay=0.0, fused=True)
+    step, elapsed = 0, 0.0
+    if (out / "state.json").is_file():
+        state = json.loads((out / "state.json").read_text())
+        tensors = load_file(out / "state.safetensors")
+        load_optimizer(opt, "opt", tensors, state["optimizer"])
+        set_rng_state(state["rng"])
+        step, elapsed = state["step"], state["elapsed"]
+    images, _ = load_images(data, limit)
+    start = time.time() - elapsed
+    budget = minutes * 60
+    while time.time() - start < budget and (max_steps is None or step < max_steps):
+        for group in opt.param_groups:  # cosine decay over the wall-time budget
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / budget)))
+        idx = torch.randint(0, len(images), (batch,))
+        y, x = np.random.randint(0, IMAGE_SIZE - crop + 1, size=2) // 8 * 8
+        target = to_unit(images[idx, :, y:y + crop, x:x + crop])
+        with torch.no_grad():
+            z = vae.encode(target).latent_dist.mean
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 20 == 0:
+            psnr = 10 * math.log10(4.0 / F.mse_loss(recon, target).item())
+            log(stage="decoder", step=step, loss=round(loss.item(), 5), psnr=round(psnr, 2),
+                lr=opt.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2))
+        if step % save_every == 0 or time.time() - start >= budget or step == max_steps:
+            opt_t, opt_s = optimizer_tensors(opt, "opt")
+            save_state(out, {**flat("vae", vae.state_dict()), **opt_t},
+                       {"step": step, "elapsed": time.time() - start, "optimizer": opt_s, "rng": rng_state(),
+                        "seed": seed, "limit": limit})
 
 
 @torch.no_grad()
@@ -406,6 +463,11 @@ def export(run: Path, out: Path) -> Path:
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, indent=2))
     vae_state = json.loads((run / "vae" / "state.json").read_text())
+    decoder_path = run / "decoder" / "state.json"
+    decoder_state = json.loads(decoder_path.read_text()) if decoder_path.is_file() else None
+    decoder_cmd = [f"python -m ctrlnet.testbed.nano decoder --data data/shapes-train --run RUN --seed "
+                   f"{decoder_state.get('seed', 0)} --minutes {math.ceil(decoder_state['elapsed'] / 60)}"
+                   + _limit_arg(decoder_state)] if decoder_state else []
     (out / "TRAINING.json").write_text(json.dumps({
         "commands": [
             "ctrlnet data shapes --n 50000 --out data/shapes-train --seed 0",
@@ -413,10 +475,13 @@ def export(run: Path, out: Path) -> Path:
             f"--minutes {math.ceil(vae_state['elapsed'] / 60)}" + _limit_arg(vae_state),
             f"python -m ctrlnet.testbed.nano sd --data data/shapes-train --run RUN --seed {state.get('seed', 0)} "
             f"--minutes {math.ceil(state['elapsed'] / 60)}" + _limit_arg(state),
+            *decoder_cmd,
             "python -m ctrlnet.testbed.nano export --run RUN --out src/ctrlnet/testbed/nano-sd"],
         "note": "stages stop on wall time: rerunning reproduces the recipe, not these bytes; the step counts are exact",
         "machine": "2 vCPU (AMD EPYC), torch 2.13.0 CPU, fp32",
         "vae": {"steps": vae_state["step"], "minutes": round(vae_state["elapsed"] / 60, 1)},
+        **({"decoder": {"steps": decoder_state["step"], "minutes": round(decoder_state["elapsed"] / 60, 1)}}
+           if decoder_state else {}),
         "sd": {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                "scaling_factor": state["scaling_factor"]}}, indent=2) + "\n")
     return out
@@ -430,7 +495,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ctrlnet.testbed.nano", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
-    for name in ("vae", "sd"):
+    for name in ("vae", "decoder", "sd"):
         p = sub.add_parser(name)
         p.add_argument("--data", required=True, type=Path, help="ShapesWorld folder (ctrlnet data shapes)")
         p.add_argument("--run", required=True, type=Path, help="run folder: checkpoints, logs; resumes from it")
@@ -443,6 +508,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.stage == "vae":
         train_vae(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
+    elif args.stage == "decoder":
+        train_decoder(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
     elif args.stage == "sd":
         train_sd(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
     else:
