@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,15 @@ def cmd_data_shapes(args) -> None:
     print(f"wrote {args.n} ShapesWorld samples to {out}")
 
 
+def cmd_train(args) -> None:
+    from .training.config import load_config, resolve_config_path
+    from .training.trainer import train
+    config = load_config(resolve_config_path(args.config), args.set)
+    out = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # once, also under torchrun / accelerate launch
+        print(f"trained ControlNet: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrlnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print what a ControlNet checkpoint holds, as JSON")
     p.add_argument("path")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a ControlNet on a locked base (single process, or under accelerate launch)")
+    p.add_argument("--config", required=True, help="YAML/TOML config file, or a shipped config name (nano-canny, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", default=None, metavar="latest|DIR", help="continue from the newest checkpoint of "
+                   "output_dir, or from a checkpoint folder")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="make data sets")
     data = p.add_subparsers(dest="dataset", required=True)
@@ -59,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .formats.safe_load import CheckpointError
+    from .training.config import TrainingError
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, ValueError, OSError) as e:  # user-facing: one line, no traceback
+    except (CheckpointError, ValueError, OSError, TrainingError) as e:  # user-facing: one line, no traceback
         print(f"ctrlnet {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -51,8 +51,26 @@ def test_vae_and_sd_stages_resume_exactly(tmp_path, data):
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith(("vae.encoder.", "vae.quant_conv.")))
     assert not torch.equal(before["vae.decoder.conv_out.weight"], after["vae.decoder.conv_out.weight"])
 
+    # The second pass (whole images) starts from the first and resumes (the decoder passes' cosine LR
+    # follows wall time, so equal up to float noise, not bit for bit).
+    first = weights(straight / "decoder")
+    nano.train_decoder(data, straight, minutes=10, batch=2, crop=128, max_steps=2, limit=16, name="decoder2")
+    nano.train_decoder(data, split, minutes=10, batch=2, max_steps=2, limit=16)
+    nano.train_decoder(data, split, minutes=10, batch=2, crop=128, max_steps=1, limit=16, name="decoder2")
+    nano.train_decoder(data, split, minutes=10, batch=2, crop=128, max_steps=2, limit=16, name="decoder2")
+    d2, d2_split = weights(straight / "decoder2"), weights(split / "decoder2")
+    assert json.loads((split / "decoder2" / "state.json").read_text())["step"] == 2
+    assert all(torch.allclose(d2[k], d2_split[k], rtol=1e-4, atol=1e-6) for k in d2)
+    assert not torch.equal(first["vae.decoder.conv_out.weight"], d2["vae.decoder.conv_out.weight"])
+    vae = nano.load_trained_vae(straight)
+    assert torch.equal(vae.decoder.conv_out.weight, d2["vae.decoder.conv_out.weight"])
+    with pytest.raises(ValueError, match="decoder pass"):
+        nano.train_decoder(data, straight, minutes=1, name="decoder3")
+
     out = nano.export(straight, tmp_path / "nano-sd")
-    assert "decoder" in json.loads((out / "TRAINING.json").read_text())
+    record = json.loads((out / "TRAINING.json").read_text())
+    assert "decoder" in record and record["decoder2"]["steps"] == 2
+    assert any("--name decoder2" in c and "--crop 128" in c for c in record["commands"])
     from ctrlnet.base import load_base
     base = load_base(out)
     assert base.prediction_type == "v_prediction" and base.scheduler.config.rescale_betas_zero_snr

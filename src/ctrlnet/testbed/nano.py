@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.safe_load import write_safetensors
+from ..training.checkpoint import (flat, load_optimizer, optimizer_tensors, rng_state, save_state,
+                                   set_rng_state, unflat)
 from .shapes import PALETTE, SHAPES
 from .tiny import bytes_to_unicode
 
@@ -131,61 +133,6 @@ def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_state(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """Atomic: weights (safetensors) + JSON state; the JSON names the weights file last."""
-    write_safetensors(tensors, path / "state.safetensors")
-    tmp = path / "state.json.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path / "state.json")
-
-
-def flat(prefix: str, sd: dict) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in sd.items()}
-
-
-def unflat(prefix: str, tensors: dict) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, name: str) -> tuple[dict, dict]:
-    """Optimizer state as flat tensors (safetensors) + JSON-able scalars."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for idx, st in sd["state"].items():
-        scalars["state"][str(idx)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{name}.{idx}.{k}"] = v
-            else:
-                scalars["state"][str(idx)][k] = v
-    return tensors, scalars
-
-
-def load_optimizer(opt: torch.optim.Optimizer, name: str, tensors: dict, scalars: dict) -> None:
-    state = {}
-    for idx, st in scalars["state"].items():
-        state[int(idx)] = dict(st)
-    for k, v in tensors.items():
-        if k.startswith(name + "."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state().tolist(), "numpy": list(map(lambda x: x.tolist() if hasattr(x, "tolist")
-                                                                       else x, np.random.get_state())),
-            "python": repr(random.getstate())}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    s = state["numpy"]
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-    random.setstate(eval(state["python"]))  # our own repr of a tuple of ints
-
-
 class Log:
     def __init__(self, path: Path):
         self.path = path
@@ -254,32 +201,43 @@ def _save_vae(out, vae, opt, step, elapsed, seed, limit):
                 "seed": seed, "limit": limit})
 
 
-def load_trained_vae(run: Path):
-    """The trained VAE; with the decoder of the ``decoder`` stage when that stage has run."""
+DECODER_STAGES = ("decoder", "decoder2")  # decoder fine-tuning passes, applied in this order
+
+
+def load_trained_vae(run: Path, before: str | None = None):
+    """The trained VAE with the decoder of the last decoder pass that has run (only passes before
+    ``before`` when given: the starting point of that pass)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
     vae = AutoencoderKL(**VAE_CONFIG)
     vae.load_state_dict(unflat("vae", load_file(run / "vae" / "state.safetensors")))
-    if (run / "decoder" / "state.json").is_file():
-        vae.load_state_dict(unflat("vae", load_file(run / "decoder" / "state.safetensors")))
+    for name in DECODER_STAGES:
+        if name == before:
+            break
+        if (run / name / "state.json").is_file():
+            vae.load_state_dict(unflat("vae", load_file(run / name / "state.safetensors")))
     return vae.eval().requires_grad_(False)
 
 
 def train_decoder(data: Path, run: Path, minutes: float, batch: int = 16, crop: int = 64, lr: float = 5e-4,
                   seed: int = 0, save_every: int = 100, limit: int | None = None,
-                  max_steps: int | None = None) -> None:
+                  max_steps: int | None = None, name: str = "decoder") -> None:
     """Fine-tune the VAE decoder only, on posterior means, with cosine LR decay over ``minutes``.
 
-    The encoder is frozen, so latents (and a UNet trained on them) stay valid.
-    Resumes from run/decoder/ if present.
+    The encoder is frozen, so latents (and a UNet trained on them) stay valid. ``crop`` 128 trains
+    on whole images: GroupNorm statistics then match inference exactly (64 px crops leave a colour
+    bias at 128 px). ``name`` is the pass (DECODER_STAGES); each starts from the previous one.
+    Resumes from run/<name>/ if present.
     """
     from safetensors.torch import load_file
-    out = run / "decoder"
+    if name not in DECODER_STAGES:
+        raise ValueError(f"decoder pass name must be one of {DECODER_STAGES}, got {name!r}")
+    out = run / name
     out.mkdir(parents=True, exist_ok=True)
-    log = Log(run / "decoder.log.jsonl")
+    log = Log(run / f"{name}.log.jsonl")
     torch.manual_seed(seed)
     np.random.seed(seed)
-    vae = load_trained_vae(run)
+    vae = load_trained_vae(run, before=name)
     decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in decoder_params:
         p.requires_grad_(True)
@@ -288,9 +246,11 @@ def train_decoder(data: Path, run: Path, minutes: float, batch: int = 16, crop: 
     if (out / "state.json").is_file():
         state = json.loads((out / "state.json").read_text())
         tensors = load_file(out / "state.safetensors")
+        vae.load_state_dict(unflat("vae", tensors))
         load_optimizer(opt, "opt", tensors, state["optimizer"])
         set_rng_state(state["rng"])
         step, elapsed = state["step"], state["elapsed"]
+        print(f"resumed {name} at step {step}")
     images, _ = load_images(data, limit)
     start = time.time() - elapsed
     budget = minutes * 60
@@ -310,13 +270,13 @@ def train_decoder(data: Path, run: Path, minutes: float, batch: int = 16, crop: 
         step += 1
         if step % 20 == 0:
             psnr = 10 * math.log10(4.0 / F.mse_loss(recon, target).item())
-            log(stage="decoder", step=step, loss=round(loss.item(), 5), psnr=round(psnr, 2),
+            log(stage=name, step=step, loss=round(loss.item(), 5), psnr=round(psnr, 2),
                 lr=opt.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2))
         if step % save_every == 0 or time.time() - start >= budget or step == max_steps:
             opt_t, opt_s = optimizer_tensors(opt, "opt")
             save_state(out, {**flat("vae", vae.state_dict()), **opt_t},
                        {"step": step, "elapsed": time.time() - start, "optimizer": opt_s, "rng": rng_state(),
-                        "seed": seed, "limit": limit})
+                        "seed": seed, "limit": limit, "batch": batch, "crop": crop, "lr": lr})
 
 
 @torch.no_grad()
@@ -463,25 +423,31 @@ def export(run: Path, out: Path) -> Path:
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, indent=2))
     vae_state = json.loads((run / "vae" / "state.json").read_text())
-    decoder_path = run / "decoder" / "state.json"
-    decoder_state = json.loads(decoder_path.read_text()) if decoder_path.is_file() else None
-    decoder_cmd = [f"python -m ctrlnet.testbed.nano decoder --data data/shapes-train --run RUN --seed "
-                   f"{decoder_state.get('seed', 0)} --minutes {math.ceil(decoder_state['elapsed'] / 60)}"
-                   + _limit_arg(decoder_state)] if decoder_state else []
+    decoder_cmds, decoder_info = [], {}
+    for name in DECODER_STAGES:
+        path = run / name / "state.json"
+        if not path.is_file():
+            continue
+        st = json.loads(path.read_text())
+        extra = "".join(f" --{k} {st[k]}" for k in ("batch", "crop", "lr") if k in st)
+        decoder_cmds.append(f"python -m ctrlnet.testbed.nano decoder --name {name} --data data/shapes-train --run RUN "
+                            f"--seed {st.get('seed', 0)} --minutes {math.floor(st['elapsed'] / 60)}"
+                            + _limit_arg(st) + extra)
+        decoder_info[name] = {"steps": st["step"], "minutes": round(st["elapsed"] / 60, 1)}
     (out / "TRAINING.json").write_text(json.dumps({
         "commands": [
             "ctrlnet data shapes --n 50000 --out data/shapes-train --seed 0",
             f"python -m ctrlnet.testbed.nano vae --data data/shapes-train --run RUN --seed {vae_state.get('seed', 0)} "
-            f"--minutes {math.ceil(vae_state['elapsed'] / 60)}" + _limit_arg(vae_state),
+            f"--minutes {math.floor(vae_state['elapsed'] / 60)}" + _limit_arg(vae_state),
             f"python -m ctrlnet.testbed.nano sd --data data/shapes-train --run RUN --seed {state.get('seed', 0)} "
-            f"--minutes {math.ceil(state['elapsed'] / 60)}" + _limit_arg(state),
-            *decoder_cmd,
+            f"--minutes {math.floor(state['elapsed'] / 60)}" + _limit_arg(state),
+            *decoder_cmds,
             "python -m ctrlnet.testbed.nano export --run RUN --out src/ctrlnet/testbed/nano-sd"],
-        "note": "stages stop on wall time: rerunning reproduces the recipe, not these bytes; the step counts are exact",
+        "note": "stages stop on wall time (--minutes is the budget; each overshoots it by at most one step): "
+                "rerunning reproduces the recipe, not these bytes; the step counts are exact",
         "machine": "2 vCPU (AMD EPYC), torch 2.13.0 CPU, fp32",
         "vae": {"steps": vae_state["step"], "minutes": round(vae_state["elapsed"] / 60, 1)},
-        **({"decoder": {"steps": decoder_state["step"], "minutes": round(decoder_state["elapsed"] / 60, 1)}}
-           if decoder_state else {}),
+        **decoder_info,
         "sd": {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                "scaling_factor": state["scaling_factor"]}}, indent=2) + "\n")
     return out
@@ -502,6 +468,11 @@ def main(argv=None):
         p.add_argument("--minutes", type=float, required=True, help="total wall-time budget of this stage")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--limit", type=int, default=None, help="use the first N samples only")
+        if name == "decoder":
+            p.add_argument("--name", default="decoder", choices=DECODER_STAGES, help="decoder pass")
+            p.add_argument("--batch", type=int, default=16)
+            p.add_argument("--crop", type=int, default=64, help="square crop size; 128 = whole images")
+            p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine decay)")
     p = sub.add_parser("export")
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
@@ -509,7 +480,8 @@ def main(argv=None):
     if args.stage == "vae":
         train_vae(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
     elif args.stage == "decoder":
-        train_decoder(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
+        train_decoder(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit, batch=args.batch,
+                      crop=args.crop, lr=args.lr, name=args.name)
     elif args.stage == "sd":
         train_sd(args.data, args.run, args.minutes, seed=args.seed, limit=args.limit)
     else:

@@ -1,0 +1,54 @@
+"""Controllability: does the generated image follow the condition? (ControlNet++ protocol: run
+the same annotator on the generated image and compare with the input condition.)
+
+- ``edge_f1``: F1 between two edge maps, an edge pixel counting as matched when the other map
+  has an edge within ``tolerance`` pixels (Chebyshev distance).
+- ``foreground_iou``: IoU of the foreground masks (pixels far from the border's median colour)
+  of the generated image and the target - on ShapesWorld that is the segmentation / outline
+  region the condition asks for.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ..annotators.canny import canny
+
+
+def foreground_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
+    """(H, W) bool: pixels whose colour is far from the border's median colour, median-filtered."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = np.median(border, axis=0).astype(np.float32)
+    dist = np.linalg.norm(image.astype(np.float32) - background, axis=-1)
+    return cv2.medianBlur((dist > threshold).astype(np.uint8) * 255, 5) > 0
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def foreground_iou(generated: np.ndarray, target: np.ndarray) -> float:
+    return mask_iou(foreground_mask(generated), foreground_mask(target))
+
+
+def edge_f1(pred: np.ndarray, truth: np.ndarray, tolerance: int = 1) -> float:
+    """F1 of edge maps ((H, W) or (H, W, 3), nonzero = edge) with a ``tolerance``-pixel match radius."""
+    pred = (pred.max(axis=-1) if pred.ndim == 3 else pred) > 0
+    truth = (truth.max(axis=-1) if truth.ndim == 3 else truth) > 0
+    if not pred.any() and not truth.any():
+        return 1.0
+    kernel = np.ones((2 * tolerance + 1,) * 2, np.uint8)
+    near_truth = cv2.dilate(truth.astype(np.uint8), kernel) > 0
+    near_pred = cv2.dilate(pred.astype(np.uint8), kernel) > 0
+    precision = (pred & near_truth).sum() / max(pred.sum(), 1)
+    recall = (truth & near_pred).sum() / max(truth.sum(), 1)
+    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+
+
+def controllability(generated: np.ndarray, target: np.ndarray, canny_low: int = 100,
+                    canny_high: int = 200) -> dict[str, float]:
+    """Scores of one generated image against its ground-truth target (both (H, W, 3) uint8)."""
+    return {"iou": foreground_iou(generated, target),
+            "edge_f1": edge_f1(canny(generated, canny_low, canny_high), canny(target, canny_low, canny_high))}

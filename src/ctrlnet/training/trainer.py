@@ -1,0 +1,366 @@
+"""The ControlNet training loop (the seed's procedure), on accelerate.
+
+- The base (UNet, VAE, text encoders) is locked: no gradients, eval mode, in the mixed-precision
+  dtype; only the ControlNet (initialised from the base UNet's encoder) is trained, in fp32.
+- Loss: the base's own objective (epsilon, v or sample prediction from its scheduler config),
+  MSE; ``proportion_empty_prompts`` of the captions replaced by "".
+- Exact and rank-independent randomness: the data order and every random draw of optimizer step
+  s (timesteps, noise, latent samples, empty-prompt and flip choices, crop offsets) come from
+  generators seeded by (seed, s) and are drawn for the whole global batch, each process taking
+  its slice. So a resumed run continues bit-identically, and N processes with batch B train the
+  same weights as one process with batch N*B (up to float summation order).
+- Checkpoints every ``checkpointing_steps``: atomic folders, the last K kept; ``--resume latest``.
+- A non-finite loss stops the run before the optimizer step, leaving the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..base import load_base
+from ..formats.controlnet_io import load_controlnet, save_controlnet
+from ..formats.safe_load import CheckpointError
+from ..models.control import controlled_unet_forward, lock
+from ..models.controlnet import ControlNet
+from .cache import open_or_build_cache
+from .checkpoint import (flat, latest_checkpoint, load_optimizer, optimizer_tensors, read_checkpoint, rng_state,
+                         set_rng_state, unflat, write_checkpoint)
+from .config import TrainConfig, TrainingError, save_config
+from .data import ControlDataset, DataError, condition_to_tensor, image_to_tensor, read_records
+from .monitor import Monitor
+
+
+def generator(seed: int, kind: str, n: int) -> torch.Generator:
+    """A CPU generator for (seed, kind, n): independent streams without shared global state."""
+    digest = hashlib.blake2b(f"{seed}/{kind}/{n}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def resolve_base_path(base: str) -> str:
+    if base == "nano":
+        from ..testbed import NANO_SD
+        return str(NANO_SD)
+    return base
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        from accelerate import Accelerator
+        self.config = c = config.validate()
+        # cpu=True when there is no accelerator: accelerate then runs several processes (torchrun /
+        # accelerate launch) as MULTI_CPU over gloo instead of as independent single processes.
+        self.acc = Accelerator(mixed_precision=c.mixed_precision, cpu=c.cpu or not has_accelerator())
+        self.progress = progress and self.acc.is_main_process
+        self.out = Path(c.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c.mixed_precision]
+        torch.manual_seed(c.seed)
+
+        # The locked base.
+        from diffusers import DDPMScheduler
+        self.base = base = load_base(resolve_base_path(c.base))
+        for part in base.parts().values():
+            lock(part).to(self.acc.device, self.weight_dtype)
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.vae_scale = base.vae.config.scaling_factor
+        self.vae_shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+        if c.gradient_checkpointing and hasattr(base.unet, "enable_gradient_checkpointing"):
+            base.unet.enable_gradient_checkpointing()  # activations of the locked UNet are needed for the residuals' grads
+
+        # The ControlNet: a copy of the base encoder (the seed), or a checkpoint to continue from.
+        if c.controlnet:
+            net = load_controlnet(c.controlnet, dtype=torch.float32)
+        else:
+            net = ControlNet.from_unet(base.unet, conditioning_channels=c.conditioning_channels,
+                                       conditioning_embedding_out_channels=tuple(c.hint_channels))
+        net = net.to(self.acc.device, torch.float32).train()
+        if c.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        fused = self.acc.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                           weight_decay=c.adam_weight_decay, eps=c.adam_epsilon, fused=fused)
+        warmup = c.lr_warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.net_raw = net
+
+        # Data.
+        records = read_records(c.data, c.image_column, c.conditioning_image_column, c.caption_column,
+                               need_condition=not c.annotator)
+        annotator = None
+        if c.annotator:
+            from ..annotators import get_annotator
+            annotator = get_annotator(c.annotator, **c.annotator_params)
+        self.dataset = ControlDataset(records, c.resolution, c.center_crop, annotator)
+        if c.cache and not c.center_crop:
+            raise ValueError("config: random crops (center_crop: false) need cache: false - the cache stores one "
+                             "crop per image")
+        self.cache = None
+        self.skipped = 0
+        if c.cache:
+            self.cache = open_or_build_cache(base, self.dataset, self.out / "cache", c.random_flip, c.skip_bad,
+                                             is_main=self.acc.is_main_process, wait=self.acc.wait_for_everyone,
+                                             log=self.log_line)
+            self.valid = torch.from_numpy(np.array(self.cache.valid))
+            self.skipped = self.cache.info.get("skipped_bad", 0)
+            if self.skipped:
+                self.log_line(f"skipped {self.skipped} unreadable samples (skip_bad), e.g. "
+                              f"{self.cache.info['bad_examples'][:3]}")
+        else:
+            self.valid = torch.arange(len(self.dataset))
+        if len(self.valid) == 0:
+            raise DataError(f"data {c.data}: no readable samples")
+        self._perms: dict[int, torch.Tensor] = {}
+        self.monitor = Monitor(self, c) if self.acc.is_main_process else None
+        self.step = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def log_line(self, text: str) -> None:
+        if self.acc.is_main_process:
+            print(text, flush=True)
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.config.train_batch_size * self.acc.num_processes
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(len(self.valid), generator=generator(self.config.seed, "epoch", epoch))}
+        return self._perms[epoch]
+
+    def indices(self, micro: int) -> list[int]:
+        """Data indices of global micro-batch ``micro`` (= step * accumulation + k), all processes."""
+        g = self.global_micro_batch
+        out = []
+        for pos in range(micro * g, (micro + 1) * g):
+            epoch, k = divmod(pos, len(self.valid))
+            out.append(int(self.valid[self._perm(epoch)[k]]))
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    def _sample(self, i: int, flip: bool, u: tuple[float, float], need_image: bool):
+        """(image or None, condition) uint8; with skip_bad an unreadable sample is replaced by the next one."""
+        n = len(self.dataset)
+        for attempt in range(n):
+            j = (i + attempt) % n
+            try:
+                image = self.dataset.image(j, flip, u) if need_image or self.dataset.annotator else None
+                return j, image, self.dataset.condition(j, flip, u, image=image)
+            except DataError:
+                if not self.config.skip_bad:
+                    raise
+                self.skipped += 1
+        raise DataError(f"data {self.config.data}: no readable samples")
+
+    def batch(self, micro: int) -> dict:
+        """This process's slice of global micro-batch ``micro``: tensors on the device."""
+        c, dev = self.config, self.acc.device
+        g = self.global_micro_batch
+        latent_c = self.base.unet.config.in_channels
+        h = c.resolution // self.base.vae_scale_factor
+        rnd = generator(c.seed, "batch", micro)  # fixed order of draws, whole global batch
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (g,), generator=rnd)
+        noise = torch.randn(g, latent_c, h, h, generator=rnd)
+        eps = torch.randn(g, latent_c, h, h, generator=rnd)
+        empty = torch.rand(g, generator=rnd) < c.proportion_empty_prompts
+        flips = (torch.rand(g, generator=rnd) < 0.5) & c.random_flip
+        crops = torch.rand(g, 2, generator=rnd)
+        r, b = self.acc.process_index, c.train_batch_size
+        mine = slice(r * b, (r + 1) * b)
+        idx = self.indices(micro)[mine]
+        flips_l, empty_l = flips[mine].tolist(), empty[mine].tolist()
+        need_image = self.cache is None
+        samples = [self._sample(i, f, tuple(u), need_image) for i, f, u in zip(idx, flips_l, crops[mine].tolist())]
+        idx = [s[0] for s in samples]
+        condition = condition_to_tensor([s[2] for s in samples]).to(dev)
+        if self.cache is not None:
+            latents = self.cache.latents(idx, flips_l, eps[mine])
+            hidden, pooled = self.cache.text(idx, empty_l)
+        else:
+            from ..pipeline.text_to_image import encode_text
+            with torch.no_grad():
+                x = image_to_tensor([s[1] for s in samples]).to(dev, self.weight_dtype)
+                params = self.base.vae.encode(x).latent_dist.parameters.float().cpu()
+                mean, logvar = params.chunk(2, dim=1)
+                latents = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps[mine]
+                texts = ["" if e else self.dataset.text(i) for i, e in zip(idx, empty_l)]
+                hidden, pooled = encode_text(self.base, texts)
+        latents = (latents - self.vae_shift) * self.vae_scale
+        out = {"latents": latents.to(dev), "noise": noise[mine].to(dev), "timesteps": timesteps[mine].to(dev),
+               "hidden": hidden.to(dev, torch.float32), "condition": condition}
+        if pooled is not None:
+            from ..pipeline.text_to_image import sdxl_time_ids
+            out["added"] = {"text_embeds": pooled.to(dev, torch.float32),
+                            "time_ids": sdxl_time_ids(len(idx), c.resolution, c.resolution).to(dev)}
+        return out
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:  # "sample"
+            target = latents
+        added = batch.get("added")
+        with self.acc.autocast():
+            down, mid = self.net(noisy, t, batch["hidden"], condition=batch["condition"], added_cond_kwargs=added)
+            wd = self.weight_dtype
+            added_wd = {k: v.to(wd) for k, v in added.items()} if added else None
+            pred = controlled_unet_forward(self.base.unet, noisy.to(wd), t, batch["hidden"].to(wd), (down, mid),
+                                           added_cond_kwargs=added_wd)
+        return F.mse_loss(pred.float(), target.float())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            c = self.config
+            net = self.acc.unwrap_model(self.net)
+            bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise TrainingError(f"non-finite ControlNet weights at step {self.step} ({bad[:3]}); not saved. Last "
+                                    f"good checkpoint: {latest_checkpoint(self.ckpt_root) or 'none'}")
+            opt_t, opt_s = optimizer_tensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                             else self.optimizer, "optimizer")
+            state = {"step": self.step, "optimizer": opt_s, "lr_scheduler": self.lr_scheduler.state_dict(),
+                     "rng": rng_state(), "config": c.to_dict(), "controlnet_config": net.config.to_dict(),
+                     "skipped_bad": self.skipped}
+            path = write_checkpoint(self.ckpt_root, self.step, {**flat("controlnet", net.state_dict()), **opt_t},
+                                    state, keep=c.checkpoints_total_limit)
+        self.acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not (path / "state.json").is_file():
+            raise TrainingError(f"resume: {path} is not a complete checkpoint (no state.json)")
+        tensors, state = read_checkpoint(path)
+        net = self.net_raw
+        missing = net.load_state_dict(unflat("controlnet", tensors), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise TrainingError(f"resume: {path} does not match this config's ControlNet "
+                                f"(missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]})")
+        load_optimizer(self.optimizer, "optimizer", tensors, state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.skipped = state.get("skipped_bad", self.skipped)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, resume: str | None = None) -> Path:
+        c, acc = self.config, self.acc
+        if resume:
+            path = latest_checkpoint(self.ckpt_root) if resume == "latest" else Path(resume)
+            if path is None:
+                self.log_line(f"resume latest: no checkpoint in {self.ckpt_root} yet, starting from step 0")
+            else:
+                self.load_checkpoint(path)
+                self.log_line(f"resumed from {path} at step {self.step}")
+        self.net, self.optimizer = acc.prepare(self.net_raw, self.optimizer)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(c, self.out / "train_config.yaml")
+            self.monitor.start(self.step)
+            self.monitor.log(step=self.step, processes=acc.num_processes, device=str(acc.device),
+                             global_batch=self.global_micro_batch * c.gradient_accumulation_steps,
+                             mixed_precision=c.mixed_precision, samples=len(self.valid))
+        from tqdm.auto import tqdm
+        bar = tqdm(total=c.max_train_steps, initial=self.step, disable=not self.progress, unit="step",
+                   desc="training")
+        accum = c.gradient_accumulation_steps
+        if self.step == 0 and self.monitor is not None and self.monitor.enabled:
+            self.monitor.validate(self.step)  # the base alone: where controllability starts
+        acc.wait_for_everyone()
+        window = []
+        while self.step < c.max_train_steps:
+            t0 = time.perf_counter()
+            total = torch.zeros((), device=acc.device)
+            for k in range(accum):
+                micro = self.step * accum + k
+                batch = self.batch(micro)
+                sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(self.net)
+                with sync:
+                    loss = self.loss(batch)
+                    acc.backward(loss / accum)
+                total += loss.detach() / accum
+            mean_loss = acc.reduce(total, reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                last = latest_checkpoint(self.ckpt_root)
+                raise TrainingError(f"loss is {mean_loss} at step {self.step + 1}; stopped before the optimizer "
+                                    f"step. Last good checkpoint: {last or 'none'}. Lower learning_rate, or use "
+                                    "mixed_precision: bf16/no instead of fp16, then --resume latest")
+            if c.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.net.parameters(), c.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window = (window + [time.perf_counter() - t0])[-20:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.max_train_steps):
+                self.monitor.log(step=self.step, loss=mean_loss, lr=self.lr_scheduler.get_last_lr()[0],
+                                 img_per_s=round(c.train_batch_size * acc.num_processes * accum * len(window)
+                                                 / sum(window), 2), skipped_bad=self.skipped)
+            if self.step % c.checkpointing_steps == 0 or self.step == c.max_train_steps:
+                self.save_checkpoint()
+            if self.monitor is not None and self.monitor.enabled and (
+                    self.step % c.validation_steps == 0 or self.step == c.max_train_steps):
+                self.monitor.validate(self.step)
+            acc.wait_for_everyone()
+        bar.close()
+        return self.finish()
+
+    def weights_digest(self) -> str:
+        """A hash of this process's ControlNet weights (all ranks must agree)."""
+        h = hashlib.blake2b(digest_size=16)
+        for k, v in sorted(self.acc.unwrap_model(self.net).state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def finish(self) -> Path:
+        from accelerate.utils import gather_object
+        final = self.out / "controlnet"
+        digests = gather_object([self.weights_digest()])  # one per process, in rank order
+        if self.acc.is_main_process:
+            if len(set(digests)) != 1:
+                raise TrainingError(f"processes ended with different ControlNet weights ({digests}); "
+                                    "this is a bug - please report it with your launch command")
+            net = self.acc.unwrap_model(self.net)
+            try:
+                save_controlnet(net, final, format="diffusers")
+            except CheckpointError:  # e.g. a pixel-space hint encoder: only ctrlnet's own format expresses it
+                save_controlnet(net, final, format="ctrlnet")
+            (final / "training.json").write_text(json.dumps(
+                {"steps": self.step, "config": self.config.to_dict(), "skipped_bad": self.skipped,
+                 "processes": self.acc.num_processes, "weights_digest_per_rank": digests}, indent=2) + "\n")
+            self.monitor.finish()
+            self.log_line(f"ControlNet written to {final}")
+        self.acc.wait_for_everyone()
+        return final
+
+
+def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
+    """Train a ControlNet as ``config`` says; returns the final diffusers-format folder."""
+    return Trainer(config, progress=progress).train(resume=resume)
