@@ -39,6 +39,68 @@ def cmd_train(args) -> None:
         print(f"trained ControlNet: {out}")
 
 
+CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize"}
+
+
+def parse_control(spec: str):
+    """``model=M,image=P[,annotator=A][,scale=S][,start=A][,end=B][,mode=M][,resize=R]`` -> Control.
+    Annotator parameters go as ``annotator.low=50``. A scale of several values: ``scale=0.5/1/...``."""
+    from .pipeline.controlled import Control
+    fields, params = {}, {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise ValueError(f"--control {spec!r}: {part!r} is not key=value")
+        key, value = (x.strip() for x in part.split("=", 1))
+        if key.startswith("annotator."):
+            params[key.split(".", 1)[1]] = json.loads(value) if value.replace(".", "", 1).lstrip("-").isdigit() \
+                else value
+        elif key in CONTROL_KEYS:
+            fields[key] = value
+        else:
+            raise ValueError(f"--control {spec!r}: unknown key {key!r}; use {', '.join(sorted(CONTROL_KEYS))}")
+    if "model" not in fields:
+        raise ValueError(f"--control {spec!r}: model=NAME_OR_PATH is required")
+    try:
+        scale = [float(x) for x in fields.get("scale", "1").split("/")]
+        return Control(model=fields["model"], image=fields.get("image"), annotator=fields.get("annotator", ""),
+                       annotator_params=params, scale=scale[0] if len(scale) == 1 else scale,
+                       start=float(fields.get("start", 0)), end=float(fields.get("end", 1)),
+                       mode=fields.get("mode", "balanced"), resize_mode=fields.get("resize", "crop_and_resize"))
+    except ValueError as e:
+        raise ValueError(f"--control {spec!r}: {e}") from None
+
+
+def cmd_generate(args) -> None:
+    import warnings
+    from .pipeline.controlled import Pipeline, save_png
+    controls = [parse_control(s) for s in args.control]
+    for c in controls:
+        c.check()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # library chatter; our own warnings are printed below
+        pipe = Pipeline.from_pretrained(args.base, controlnets=[c.model for c in controls], dtype=args.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pipe(args.prompt, controls=controls, negative_prompt=args.negative_prompt, steps=args.steps,
+                      guidance=args.guidance, guidance_rescale=args.guidance_rescale, seed=args.seed,
+                      num_images=args.num_images, width=args.width, height=args.height, scheduler=args.scheduler,
+                      init_image=args.init_image, strength=args.strength, mask=args.mask, progress=True)
+    for w in caught:
+        if w.filename.startswith(str(Path(__file__).parent)):
+            print(f"ctrlnet generate: warning: {w.message}", file=sys.stderr)
+    out = Path(args.out)
+    paths = []
+    for i, (image, params) in enumerate(zip(result.images, result.parameters)):
+        path = out if out.suffix == ".png" and len(result.images) == 1 else \
+            (out.with_suffix("") if out.suffix == ".png" else out) / f"{i:03d}.png"
+        paths.append(save_png(image, path, params))
+    if args.grid:
+        from .pipeline.controlled import grid
+        folder = paths[0].parent
+        paths.append(grid(result, folder / "grid.png"))
+    print("\n".join(str(p) for p in paths))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrlnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="latest|DIR", help="continue from the newest checkpoint of "
                    "output_dir, or from a checkpoint folder")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate images under control (bundled nano base and ControlNets by default)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--base", default="nano", help="nano (bundled), a diffusers folder or a single-file checkpoint")
+    p.add_argument("--control", action="append", default=[], metavar="model=M,image=P[,annotator=A][,scale=S]"
+                   "[,start=A][,end=B][,mode=balanced|prompt|control][,resize=crop_and_resize|just_resize|"
+                   "resize_and_fill]", help="a control unit (repeatable: several ControlNets, residuals summed)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 2.5 for zero-SNR bases, else 7.5)")
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="guidance rescale (default: 0.7 for zero-SNR bases such as nano, else 0)")
+    p.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, ddpm, pndm")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
+    p.add_argument("--strength", type=float, default=1.0, help="img2img: how much of the init image to redo")
+    p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png: conditions and results")
+    p.add_argument("--out", default="outputs/generate", help="a folder, or a .png file for one image")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("data", help="make data sets")
     data = p.add_subparsers(dest="dataset", required=True)

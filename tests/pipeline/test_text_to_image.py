@@ -29,3 +29,27 @@ def test_rescale_matches_diffusers():
     guided, cond = torch.randn(2, 4, 8, 8, generator=g) * 3, torch.randn(2, 4, 8, 8, generator=g)
     assert torch.allclose(rescale_noise_cfg(guided, cond, 0.7), reference(guided, cond, 0.7), atol=1e-6)
     assert torch.equal(rescale_noise_cfg(guided, cond, 0.0), guided)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_controlnets_in_the_loop(tmp_path, family):
+    """A zero-initialised ControlNet leaves the images bit-identical; a trained-looking one changes
+    them, and scale 0 switches it off."""
+    from ctrlnet.models import ControlNet
+    base = load_base(write_tiny_base(tmp_path / family, family))
+    net = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 8)).eval()
+    cond = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square"]
+    plain = text_to_image(base, prompts, steps=3, guidance=2.0, seed=1)
+    zero = text_to_image(base, prompts, steps=3, guidance=2.0, seed=1, controlnets=[net], conditions=[cond])
+    assert np.array_equal(plain, zero)
+    with torch.no_grad():
+        for p in net.controlnet_mid_block.parameters():
+            p.normal_(0, 2.0, generator=torch.Generator().manual_seed(1))
+    moved = text_to_image(base, prompts, steps=3, guidance=2.0, seed=1, controlnets=[net], conditions=[cond])
+    assert not np.array_equal(plain, moved)
+    off = text_to_image(base, prompts, steps=3, guidance=2.0, seed=1, controlnets=[net], conditions=[cond],
+                        scales=[0.0])
+    assert np.array_equal(plain, off)
+    with pytest.raises(ValueError, match="1 ControlNets but 0 conditions"):
+        text_to_image(base, prompts, steps=1, controlnets=[net], conditions=[])

@@ -29,6 +29,10 @@ def test_yaml_toml_and_overrides(tmp_path):
     (["proportion_empty_prompts=1.5"], "proportion_empty_prompts"),
     (["resolution=100"], "resolution"),
     (["learning_rate"], "key=value"),
+    (["center_crop=false"], "cache: false"),
+    (["timestep_sampling=log"], "timestep_sampling"),
+    (["lr_scheduler=linear"], "lr_scheduler"),
+    (["ema_decay=1"], "ema_decay"),
 ])
 def test_bad_config_names_the_key(override, words):
     with pytest.raises(ValueError, match=words):

@@ -20,7 +20,7 @@ from ctrlnet.formats import load_controlnet
 from ctrlnet.training import TrainingError, train
 from ctrlnet.training.checkpoint import latest_checkpoint, unflat
 from ctrlnet.training.data import DataError
-from ctrlnet.training.trainer import Trainer
+from ctrlnet.training.trainer import Trainer, lr_factor
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -105,13 +105,18 @@ def test_annotator_on_the_fly(make_config, shapes64):
     tr.train()
 
 
-def test_cache_is_reused_and_invalidated(make_config, shapes64):
+def test_cache_is_reused_and_invalidated(make_config, shapes64, tmp_path):
     from ctrlnet.training.cache import fingerprint
     tr = Trainer(make_config(max_train_steps=1), progress=False)
     folder = tr.cache.folder
     stamp = (folder / "fingerprint.json").stat().st_mtime_ns
     again = Trainer(make_config(max_train_steps=1), progress=False)
     assert again.cache.folder == folder and (folder / "fingerprint.json").stat().st_mtime_ns == stamp
+    shared = tmp_path / "shared-cache"
+    one = Trainer(make_config(max_train_steps=1, cache_dir=str(shared), output_dir=str(tmp_path / "o1")), progress=False)
+    two = Trainer(make_config(max_train_steps=1, cache_dir=str(shared), output_dir=str(tmp_path / "o2"),
+                              data=str(shapes64 / "train" / "prompt_segmentation.json")), progress=False)
+    assert one.cache.folder == two.cache.folder == shared / folder.name  # conditions are not in the cache
     key = fingerprint(tr.base, tr.dataset.records, 64, True, False)
     assert key == folder.name
     assert fingerprint(tr.base, tr.dataset.records, 64, True, True) != key  # flip
@@ -163,7 +168,9 @@ def _write_yaml(path, cfg, **overrides):
 
 
 def test_sigkill_then_resume_is_bit_identical(make_config, tmp_path):
-    cfg = make_config(max_train_steps=12, checkpointing_steps=3)
+    # EMA and the cosine schedule on: their state must survive the kill too.
+    cfg = make_config(max_train_steps=12, checkpointing_steps=3, ema_decay=0.9, lr_scheduler="cosine",
+                      lr_warmup_steps=2)
     straight = _write_yaml(tmp_path / "straight.yaml", cfg, output_dir=str(tmp_path / "straight"))
     killed = _write_yaml(tmp_path / "killed.yaml", cfg, output_dir=str(tmp_path / "killed"))
     assert _cli(["--config", str(straight)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
@@ -190,7 +197,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(make_config, tmp_pat
     cfg = make_config(max_train_steps=3, train_batch_size=2, proportion_empty_prompts=0.5)
     two = _write_yaml(tmp_path / "two.yaml", cfg, output_dir=str(tmp_path / "two"))
     one = _write_yaml(tmp_path / "one.yaml", cfg, output_dir=str(tmp_path / "one"), train_batch_size=4)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                 "-m", "ctrlnet.cli", "train", "--config", str(two)]
     res = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -214,3 +225,76 @@ def test_cli_train_and_its_errors(make_config, tmp_path, capsys):
     assert "lerning_rate" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml" in capsys.readouterr().err
+
+
+def test_timestep_sampling_and_sample_limit(make_config):
+    uniform = Trainer(make_config(max_train_samples=10), progress=False)
+    assert len(uniform.valid) == 10 and max(uniform.indices(7)) < 10
+    cubic = Trainer(make_config(timestep_sampling="cubic", train_batch_size=64), progress=False)
+    t_u = torch.cat([uniform.batch(m)["timesteps"] for m in range(32)]).float()
+    t_c = torch.cat([cubic.batch(m)["timesteps"] for m in range(4)]).float()
+    assert 400 < t_u.mean() < 600 and t_c.mean() > 700  # E[1 - u^3] = 0.75
+    assert 0 <= t_c.min() and t_c.max() <= 999
+
+
+def test_wall_time_budget_stops_with_a_checkpoint(make_config):
+    cfg = make_config(max_train_steps=10**6, max_train_minutes=0.05, checkpointing_steps=10**5)
+    out = train(cfg, progress=False)
+    steps = json.loads((out / "training.json").read_text())["steps"]
+    assert 0 < steps < 10**6
+    assert latest_checkpoint(Path(cfg.output_dir) / "checkpoints").name == f"step-{steps:06d}"
+
+
+def test_lr_schedules(make_config):
+    constant = lr_factor(make_config(lr_warmup_steps=2, max_train_steps=6))
+    cosine = lr_factor(make_config(lr_warmup_steps=2, max_train_steps=6, lr_scheduler="cosine"))
+    assert [constant(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    # after warmup: cos over the 4 remaining steps, 0 at max_train_steps and after
+    assert [round(cosine(s), 6) for s in range(8)] == [0.5, 1.0, 1.0, 0.853553, 0.5, 0.146447, 0.0, 0.0]
+
+
+def test_ema_weights_are_validated_and_saved(make_config):
+    tr = Trainer(make_config(ema_decay=0.5, max_train_steps=3), progress=False)
+    live, ema = tr.net_raw, tr.ema
+    assert ema is not None and all(torch.equal(a, b) for a, b in zip(live.parameters(), ema.parameters()))
+    # The update is ema <- d * ema + (1 - d) * live with d = min(decay, (1 + step) / (10 + step)).
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+    tr.step = 90  # d = min(0.5, 91 / 100) = 0.5
+    tr.update_ema()
+    assert all(torch.allclose(e, 0.5 * p) for e, p in zip(ema.parameters(), live.parameters()))
+    tr.step = 0  # d = min(0.5, 1 / 10) = 0.1: an EMA that starts mostly from the live weights
+    tr.update_ema()
+    assert all(torch.allclose(e, 0.9 * p + 0.1 * 0.5 * p, atol=1e-6) for e, p in zip(ema.parameters(), live.parameters()))
+    out = tr.train()  # trains on from step 0 and writes the EMA weights, not the live ones
+    saved = final_weights(Path(out).parent)
+    assert all(torch.equal(saved[k], v) for k, v in tr.ema.state_dict().items())
+    assert any(not torch.equal(saved[k], v) for k, v in tr.net_raw.state_dict().items())
+    assert json.loads((Path(out) / "training.json").read_text())["ema"] is True
+
+
+def test_hugging_face_dataset_saved_to_disk(make_config, shapes64, tmp_path):
+    """HF `datasets` columns image / conditioning_image / text, written by save_to_disk, train like the
+    folder formats and give the same pixels and captions."""
+    datasets = pytest.importorskip("datasets")
+    meta = [json.loads(l) for l in (shapes64 / "train" / "metadata.jsonl").read_text().splitlines()]
+    root = shapes64 / "train"
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(root / m["file_name"]) for m in meta],
+         "conditioning_image": [str(root / m["conditioning_image"]) for m in meta],
+         "text": [m["text"] for m in meta]},
+        features=datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
+                                    "text": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    tr = Trainer(make_config(data=str(tmp_path / "hf"), max_train_steps=1), progress=False)
+    folder = Trainer(make_config(data=str(root / "metadata.jsonl"), max_train_steps=1,
+                                 output_dir=str(tmp_path / "folder")), progress=False)
+    assert len(tr.dataset) == 16
+    for i in (0, 7):
+        assert tr.dataset.text(i) == folder.dataset.text(i)
+        assert np.array_equal(tr.dataset.image(i), folder.dataset.image(i))
+        assert np.array_equal(tr.dataset.condition(i), folder.dataset.condition(i))
+    tr.train()
+    with pytest.raises(DataError, match="no column 'caption'"):
+        Trainer(make_config(data=str(tmp_path / "hf"), caption_column="caption"), progress=False)

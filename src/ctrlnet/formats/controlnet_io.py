@@ -219,11 +219,15 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
                     dtype: torch.dtype | None = None) -> ControlNet:
     """A ControlNet from any supported format (see module docstring), detected automatically.
 
+    ``path`` may also name a bundled ControlNet (``nano-canny``, ``nano-segmentation``).
     The net comes back in the file's precision unless ``dtype`` is given. ``config``
     overrides what is read or inferred (needed only for custom architectures saved
     by other tools, whose head counts the weights cannot tell).
     """
     path = Path(path)
+    if not path.exists():
+        from ..testbed import bundled_controlnets
+        path = bundled_controlnets().get(str(path), path)  # a bundled name: "nano-canny"
     if isinstance(config, dict):
         config = ControlNetConfig.from_dict(config)
     if path.is_dir():

@@ -1,5 +1,9 @@
-"""Generation: prompt encoding and the denoising loop."""
+"""Generation: ``Pipeline`` (prompt + control images -> images), the denoising loop
+(``sampling``), image handling (``images``) and samplers by name (``schedulers``)."""
 
-from .text_to_image import encode_prompts, rescale_noise_cfg, text_to_image
+from .controlled import Control, Pipeline, Result, save_png
+from .sampling import encode_text, rescale_noise_cfg
+from .text_to_image import encode_prompts, text_to_image
 
-__all__ = ["encode_prompts", "rescale_noise_cfg", "text_to_image"]
+__all__ = ["Control", "Pipeline", "Result", "save_png", "encode_prompts", "encode_text", "rescale_noise_cfg",
+           "text_to_image"]

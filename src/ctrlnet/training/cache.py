@@ -100,7 +100,7 @@ def build_cache(base, dataset: ControlDataset, folder: Path, random_flip: bool, 
                 batch: int = 16, progress: bool = True) -> TrainCache:
     """Encode every sample's image (and its flip) with the VAE and every unique prompt once."""
     from tqdm.auto import tqdm
-    from ..pipeline.text_to_image import encode_text
+    from ..pipeline.sampling import encode_text
     folder.mkdir(parents=True, exist_ok=True)
     vae, n = base.vae, len(dataset)
     dtype = vae.dtype

@@ -31,6 +31,7 @@ class TrainConfig:
     image_column: str = "file_name"  # HF datasets: "image"
     conditioning_image_column: str = "conditioning_image"
     caption_column: str = "text"
+    max_train_samples: int = 0  # use only the first N records (0 = all)
     annotator: str = ""  # extract the condition from the target on the fly (e.g. "canny"); "" = given
     annotator_params: dict = field(default_factory=dict)
     # --- images: resize the short side to `resolution`, then crop a square (center or random);
@@ -45,8 +46,15 @@ class TrainConfig:
     hint_channels: list = field(default_factory=lambda: [16, 32, 96, 256])
     # --- the procedure
     proportion_empty_prompts: float = 0.5  # the paper's 50% "" prompts; 0 disables
+    # uniform (the seed) or cubic: t = (1 - u^3) T, most steps at high noise where the layout is
+    # decided and the condition carries the most information (T2I-Adapter, arXiv 2302.08453, sec. 3.4)
+    timestep_sampling: str = "uniform"
     learning_rate: float = 1e-5
-    lr_warmup_steps: int = 0  # linear warmup, then constant
+    lr_warmup_steps: int = 0  # linear warmup, then lr_scheduler
+    lr_scheduler: str = "constant"  # constant (the original's) or cosine: decays to 0 at max_train_steps
+    # EMA of the ControlNet weights (0 = off, the original's default); validation and the final
+    # folder use the EMA weights. Decay warms up as min(ema_decay, (1 + s) / (10 + s)) (diffusers' EMAModel).
+    ema_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -55,12 +63,14 @@ class TrainConfig:
     train_batch_size: int = 4  # per process
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 10000  # optimizer steps
+    max_train_minutes: float = 0.0  # also stop (with a checkpoint) once this wall time is used; 0 = no limit
     seed: int = 0
     # --- speed
     mixed_precision: str = "no"  # no / bf16 / fp16 (the locked base runs in that dtype; ControlNet weights stay fp32)
     gradient_checkpointing: bool = False
     cpu: bool = False  # train on the CPU even when a GPU is present
-    cache: bool = True  # VAE latents and text embeddings computed once, stored under output_dir/cache
+    cache: bool = True  # VAE latents and text embeddings computed once, stored under cache_dir
+    cache_dir: str = ""  # "" = output_dir/cache; share one folder between runs on the same images and base
     # --- never lose work
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 3
@@ -81,12 +91,21 @@ class TrainConfig:
             raise ValueError("config: 'data' is empty; set it to a data folder (--set data=DIR)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"config: mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.lr_scheduler not in ("constant", "cosine"):
+            raise ValueError(f"config: lr_scheduler must be constant or cosine, got {self.lr_scheduler!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.timestep_sampling not in ("uniform", "cubic"):
+            raise ValueError(f"config: timestep_sampling must be uniform or cubic, got {self.timestep_sampling!r}")
         if not 0 <= self.proportion_empty_prompts <= 1:
             raise ValueError(f"config: proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
                      "checkpointing_steps", "log_every", "validation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.cache and not self.center_crop:
+            raise ValueError("config: random crops (center_crop: false) need cache: false - the cache stores one "
+                             "crop per image")
         if self.resolution % 8:
             raise ValueError(f"config: resolution must be a multiple of 8, got {self.resolution}")
         return self

@@ -59,7 +59,7 @@ class Monitor:
         """Generate the held-out conditions' images, score them, write the grid and the curves."""
         from ..pipeline.text_to_image import text_to_image
         c, tr = self.config, self.trainer
-        net = tr.acc.unwrap_model(tr.net) if hasattr(tr, "net") else tr.net_raw
+        net = tr.output_net()
         was_training = net.training
         net.eval()
         n = len(self.val)

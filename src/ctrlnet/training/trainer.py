@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -45,6 +46,18 @@ def generator(seed: int, kind: str, n: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def lr_factor(c: TrainConfig):
+    """LR multiplier at optimizer step s: linear warmup, then constant or cosine decay to 0."""
+    def factor(s: int) -> float:
+        if c.lr_warmup_steps and s < c.lr_warmup_steps:
+            return (s + 1) / c.lr_warmup_steps
+        if c.lr_scheduler == "cosine":
+            done = (s - c.lr_warmup_steps) / max(1, c.max_train_steps - c.lr_warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+    return factor
+
+
 def has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
@@ -58,8 +71,10 @@ def resolve_base_path(base: str) -> str:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, progress: bool = True):
+    def __init__(self, config: TrainConfig, progress: bool = True, base=None):
+        """``base``: an already loaded ``BaseModel`` to use instead of loading ``config.base``."""
         from accelerate import Accelerator
+        self.started = time.time()  # the wall-time budget counts loading and caching too
         self.config = c = config.validate()
         # cpu=True when there is no accelerator: accelerate then runs several processes (torchrun /
         # accelerate launch) as MULTI_CPU over gloo instead of as independent single processes.
@@ -72,7 +87,7 @@ class Trainer:
 
         # The locked base.
         from diffusers import DDPMScheduler
-        self.base = base = load_base(resolve_base_path(c.base))
+        self.base = base = base if base is not None else load_base(resolve_base_path(c.base))
         for part in base.parts().values():
             lock(part).to(self.acc.device, self.weight_dtype)
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
@@ -94,26 +109,28 @@ class Trainer:
         fused = self.acc.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                            weight_decay=c.adam_weight_decay, eps=c.adam_epsilon, fused=fused)
-        warmup = c.lr_warmup_steps
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c))
         self.net_raw = net
+        # EMA weights: a frozen copy updated after every optimizer step (identical on every rank).
+        self.ema = None
+        if c.ema_decay:
+            self.ema = copy.deepcopy(net).requires_grad_(False).eval()
 
         # Data.
         records = read_records(c.data, c.image_column, c.conditioning_image_column, c.caption_column,
                                need_condition=not c.annotator)
+        if c.max_train_samples:
+            records = records[:c.max_train_samples]
         annotator = None
         if c.annotator:
             from ..annotators import get_annotator
             annotator = get_annotator(c.annotator, **c.annotator_params)
         self.dataset = ControlDataset(records, c.resolution, c.center_crop, annotator)
-        if c.cache and not c.center_crop:
-            raise ValueError("config: random crops (center_crop: false) need cache: false - the cache stores one "
-                             "crop per image")
         self.cache = None
         self.skipped = 0
         if c.cache:
-            self.cache = open_or_build_cache(base, self.dataset, self.out / "cache", c.random_flip, c.skip_bad,
+            cache_root = Path(c.cache_dir) if c.cache_dir else self.out / "cache"
+            self.cache = open_or_build_cache(base, self.dataset, cache_root, c.random_flip, c.skip_bad,
                                              is_main=self.acc.is_main_process, wait=self.acc.wait_for_everyone,
                                              log=self.log_line)
             self.valid = torch.from_numpy(np.array(self.cache.valid))
@@ -125,11 +142,24 @@ class Trainer:
             self.valid = torch.arange(len(self.dataset))
         if len(self.valid) == 0:
             raise DataError(f"data {c.data}: no readable samples")
+        self.valid_set = set(self.valid.tolist())
         self._perms: dict[int, torch.Tensor] = {}
         self.monitor = Monitor(self, c) if self.acc.is_main_process else None
         self.step = 0
+        self.elapsed_before = 0.0  # wall time of the run before this process (resumed runs)
 
     # ------------------------------------------------------------------ bookkeeping
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def out_of_time(self) -> bool:
+        """The wall-time budget, decided on rank 0 and shared so every process stops at the same step."""
+        if not self.config.max_train_minutes:
+            return False
+        flag = torch.tensor([float(self.elapsed() >= self.config.max_train_minutes * 60)], device=self.acc.device)
+        from accelerate.utils import broadcast
+        return bool(broadcast(flag, from_process=0).item())
 
     def log_line(self, text: str) -> None:
         if self.acc.is_main_process:
@@ -160,6 +190,8 @@ class Trainer:
         n = len(self.dataset)
         for attempt in range(n):
             j = (i + attempt) % n
+            if j not in self.valid_set:  # its image could not be read when the cache was built
+                continue
             try:
                 image = self.dataset.image(j, flip, u) if need_image or self.dataset.annotator else None
                 return j, image, self.dataset.condition(j, flip, u, image=image)
@@ -176,7 +208,12 @@ class Trainer:
         latent_c = self.base.unet.config.in_channels
         h = c.resolution // self.base.vae_scale_factor
         rnd = generator(c.seed, "batch", micro)  # fixed order of draws, whole global batch
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (g,), generator=rnd)
+        n_t = self.noise_scheduler.config.num_train_timesteps
+        if c.timestep_sampling == "cubic":
+            u = torch.rand(g, generator=rnd)
+            timesteps = ((1 - u ** 3) * n_t).long().clamp(0, n_t - 1)
+        else:
+            timesteps = torch.randint(0, n_t, (g,), generator=rnd)
         noise = torch.randn(g, latent_c, h, h, generator=rnd)
         eps = torch.randn(g, latent_c, h, h, generator=rnd)
         empty = torch.rand(g, generator=rnd) < c.proportion_empty_prompts
@@ -194,7 +231,7 @@ class Trainer:
             latents = self.cache.latents(idx, flips_l, eps[mine])
             hidden, pooled = self.cache.text(idx, empty_l)
         else:
-            from ..pipeline.text_to_image import encode_text
+            from ..pipeline.sampling import encode_text
             with torch.no_grad():
                 x = image_to_tensor([s[1] for s in samples]).to(dev, self.weight_dtype)
                 params = self.base.vae.encode(x).latent_dist.parameters.float().cpu()
@@ -206,7 +243,7 @@ class Trainer:
         out = {"latents": latents.to(dev), "noise": noise[mine].to(dev), "timesteps": timesteps[mine].to(dev),
                "hidden": hidden.to(dev, torch.float32), "condition": condition}
         if pooled is not None:
-            from ..pipeline.text_to_image import sdxl_time_ids
+            from ..pipeline.sampling import sdxl_time_ids
             out["added"] = {"text_embeds": pooled.to(dev, torch.float32),
                             "time_ids": sdxl_time_ids(len(idx), c.resolution, c.resolution).to(dev)}
         return out
@@ -242,11 +279,13 @@ class Trainer:
                                     f"good checkpoint: {latest_checkpoint(self.ckpt_root) or 'none'}")
             opt_t, opt_s = optimizer_tensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                              else self.optimizer, "optimizer")
-            state = {"step": self.step, "optimizer": opt_s, "lr_scheduler": self.lr_scheduler.state_dict(),
+            state = {"step": self.step, "elapsed": self.elapsed(), "optimizer": opt_s, "lr_scheduler": self.lr_scheduler.state_dict(),
                      "rng": rng_state(), "config": c.to_dict(), "controlnet_config": net.config.to_dict(),
                      "skipped_bad": self.skipped}
-            path = write_checkpoint(self.ckpt_root, self.step, {**flat("controlnet", net.state_dict()), **opt_t},
-                                    state, keep=c.checkpoints_total_limit)
+            tensors = {**flat("controlnet", net.state_dict()), **opt_t}
+            if self.ema is not None:
+                tensors.update(flat("ema", self.ema.state_dict()))
+            path = write_checkpoint(self.ckpt_root, self.step, tensors, state, keep=c.checkpoints_total_limit)
         self.acc.wait_for_everyone()
         return path
 
@@ -259,10 +298,17 @@ class Trainer:
         if missing.missing_keys or missing.unexpected_keys:
             raise TrainingError(f"resume: {path} does not match this config's ControlNet "
                                 f"(missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]})")
+        if self.ema is not None:
+            ema = unflat("ema", tensors)
+            if not ema:
+                raise TrainingError(f"resume: {path} has no EMA weights but this config sets ema_decay; "
+                                    "resume with --set ema_decay=0 or start a new run")
+            self.ema.load_state_dict(ema)
         load_optimizer(self.optimizer, "optimizer", tensors, state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
+        self.elapsed_before = state.get("elapsed", 0.0)
         self.skipped = state.get("skipped_bad", self.skipped)
 
     # ------------------------------------------------------------------ the loop
@@ -315,26 +361,45 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self.update_ema()
             window = (window + [time.perf_counter() - t0])[-20:]
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.max_train_steps):
                 self.monitor.log(step=self.step, loss=mean_loss, lr=self.lr_scheduler.get_last_lr()[0],
+                                 minutes=round(self.elapsed() / 60, 2),
                                  img_per_s=round(c.train_batch_size * acc.num_processes * accum * len(window)
                                                  / sum(window), 2), skipped_bad=self.skipped)
-            if self.step % c.checkpointing_steps == 0 or self.step == c.max_train_steps:
+            last = self.step == c.max_train_steps or self.out_of_time()
+            if self.step % c.checkpointing_steps == 0 or last:
                 self.save_checkpoint()
-            if self.monitor is not None and self.monitor.enabled and (
-                    self.step % c.validation_steps == 0 or self.step == c.max_train_steps):
+            if self.monitor is not None and self.monitor.enabled and (self.step % c.validation_steps == 0 or last):
                 self.monitor.validate(self.step)
             acc.wait_for_everyone()
+            if last:
+                if self.step < c.max_train_steps:
+                    self.log_line(f"max_train_minutes ({c.max_train_minutes}) reached at step {self.step}")
+                break
         bar.close()
         return self.finish()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        ema = [p for p in self.ema.parameters()]
+        live = [p for p in self.net_raw.parameters()]  # the module DDP wraps: the same tensors
+        torch._foreach_lerp_(ema, live, 1 - decay)  # ema += (1 - decay) * (live - ema)
+
+    def output_net(self) -> ControlNet:
+        """The weights validation and the final folder use: the EMA copy when there is one."""
+        return self.ema if self.ema is not None else self.net_raw
 
     def weights_digest(self) -> str:
         """A hash of this process's ControlNet weights (all ranks must agree)."""
         h = hashlib.blake2b(digest_size=16)
-        for k, v in sorted(self.acc.unwrap_model(self.net).state_dict().items()):
+        for k, v in sorted(self.output_net().state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
@@ -347,13 +412,13 @@ class Trainer:
             if len(set(digests)) != 1:
                 raise TrainingError(f"processes ended with different ControlNet weights ({digests}); "
                                     "this is a bug - please report it with your launch command")
-            net = self.acc.unwrap_model(self.net)
+            net = self.output_net()
             try:
                 save_controlnet(net, final, format="diffusers")
             except CheckpointError:  # e.g. a pixel-space hint encoder: only ctrlnet's own format expresses it
                 save_controlnet(net, final, format="ctrlnet")
             (final / "training.json").write_text(json.dumps(
-                {"steps": self.step, "config": self.config.to_dict(), "skipped_bad": self.skipped,
+                {"steps": self.step, "ema": bool(self.ema is not None), "config": self.config.to_dict(), "skipped_bad": self.skipped,
                  "processes": self.acc.num_processes, "weights_digest_per_rank": digests}, indent=2) + "\n")
             self.monitor.finish()
             self.log_line(f"ControlNet written to {final}")

@@ -1,0 +1,177 @@
+"""ControlNet training step, SD1.5-sized (random weights built from the shipped configs), CPU.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 3] [--resolution 256]
+
+Each mode runs in its own process (clean peak RSS), batch 1, `--steps` timed steps after one
+warm-up step; prints JSON per mode and Markdown rows for BENCHMARKS.md:
+
+- ``diffusers-recipe``: the diffusers example (train_controlnet.py) reimplemented: diffusers'
+  ``ControlNetModel.from_unet``, the VAE and the text encoder run every step, plain
+  ``torch.optim.AdamW`` (default implementation), fp32, UNet frozen with ``requires_grad_(False)``;
+- ``ctrlnet-fp32`` / ``ctrlnet-bf16``: ctrlnet's ``Trainer`` itself (latent/text cache, fused AdamW,
+  locked base; bf16 = the base in bf16 under autocast, ControlNet weights fp32);
+- ``unet-finetune``: fine-tuning the whole base UNet instead (fused AdamW, cached latents, fp32):
+  the seed's memory comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parent.parent / "src" / "ctrlnet" / "configs" / "sd15"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def random_sd15_base(tmp: Path):
+    """An SD1.5-sized BaseModel with random weights (no download): configs shipped in ctrlnet."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from ctrlnet.base import BaseModel, load_tokenizer, quiet_libraries
+    from ctrlnet.models.control import lock
+    from ctrlnet.testbed.tiny import write_byte_tokenizer
+    quiet_libraries()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "unet" / "config.json").read_text()))
+    vae = AutoencoderKL.from_config(json.loads((CONFIGS / "vae" / "config.json").read_text()))
+    text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in json.loads((CONFIGS / "text_encoder" / "config.json")
+                                                                        .read_text()).items()
+                                         if not k.startswith("_") and k != "architectures"}))
+    tokenizer = load_tokenizer(write_byte_tokenizer(tmp / "tokenizer", max_length=77))
+    scheduler = DDIMScheduler.from_config(json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text()))
+    for m in (unet, vae, text):
+        lock(m)
+    return BaseModel(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, kind="sd15",
+                     source="random")
+
+
+def make_data(tmp: Path, resolution: int) -> Path:
+    from ctrlnet.testbed.shapes import generate
+    return generate(tmp / "data", 8, seed=0, size=resolution, workers=1, progress=False)
+
+
+def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
+    from ctrlnet.training import load_config
+    from ctrlnet.training.trainer import Trainer
+    base = random_sd15_base(tmp)
+    data = make_data(tmp, resolution)
+    cfg = load_config(None, dict(base="sd15-random", data=str(data / "prompt_canny.json"), output_dir=str(tmp / "run"),
+                                 resolution=resolution, train_batch_size=1, max_train_steps=steps + 1,
+                                 checkpointing_steps=10**6, log_every=1, tensorboard=False,
+                                 mixed_precision="bf16" if mode == "ctrlnet-bf16" else "no"))
+    tr = Trainer(cfg, progress=False, base=base)
+    tr.train()
+    log = [json.loads(l) for l in (tmp / "run" / "log.jsonl").read_text().splitlines() if "loss" in l]
+    times = [1 / r["img_per_s"] for r in log]  # batch 1: seconds per step (20-step window average)
+    # img_per_s is a running mean; recover per-step times from it
+    per_step = [times[0]] + [times[i] * (i + 1) - times[i - 1] * i for i in range(1, len(times))]
+    return {"step_s": sum(per_step[1:]) / len(per_step[1:]), "first_step_s": per_step[0]}
+
+
+def run_baseline(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
+    """The diffusers example's step (VAE + text encoder every step), or whole-UNet fine-tuning."""
+    import numpy as np
+    import torch.nn.functional as F
+    from diffusers import ControlNetModel, DDPMScheduler
+    from PIL import Image
+    base = random_sd15_base(tmp)
+    data = make_data(tmp, resolution)
+    rows = [json.loads(l) for l in (data / "prompt_canny.json").read_text().splitlines()]
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
+    if mode == "diffusers-recipe":
+        controlnet = ControlNetModel.from_unet(unet).train()
+        params = controlnet.parameters()
+        optimizer = torch.optim.AdamW(params, lr=1e-5)  # plain AdamW, as in the example
+    else:  # unet-finetune
+        controlnet = None
+        unet.requires_grad_(True).train()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+        with torch.no_grad():  # cached latents / text, as our trainer does
+            img = torch.from_numpy(np.asarray(Image.open(data / rows[0]["target"]).convert("RGB"))).permute(2, 0, 1)
+            cached_latents = vae.encode(img[None].float() / 127.5 - 1).latent_dist.sample() * 0.18215
+            ids = base.tokenizer([rows[0]["prompt"]], padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+            cached_text = text_encoder(ids)[0]
+    times = []
+    for step in range(steps + 1):
+        row = rows[step % len(rows)]
+        t0 = time.perf_counter()
+        if controlnet is not None:
+            img = torch.from_numpy(np.asarray(Image.open(data / row["target"]).convert("RGB"))).permute(2, 0, 1)
+            cond = torch.from_numpy(np.asarray(Image.open(data / row["source"]).convert("RGB"))).permute(2, 0, 1)
+            latents = vae.encode(img[None].float() / 127.5 - 1).latent_dist.sample() * 0.18215
+            ids = base.tokenizer([row["prompt"]], padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+            hidden = text_encoder(ids, return_dict=False)[0]
+        else:
+            latents, hidden = cached_latents, cached_text
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (1,))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        if controlnet is not None:
+            down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond[None].float() / 255,
+                                   return_dict=False)
+            pred = unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid, return_dict=False)[0]
+        else:
+            pred = unet(noisy, t, encoder_hidden_states=hidden, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"step_s": sum(times[1:]) / steps, "first_step_s": times[0]}
+
+
+def child(mode: str, steps: int, resolution: int) -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        fn = run_ctrlnet if mode.startswith("ctrlnet") else run_baseline
+        result = fn(mode, steps, resolution, Path(d))
+    result.update(mode=mode, peak_rss_gib=round(peak_rss_gib(), 2), resolution=resolution, batch=1, steps=steps,
+                  step_s=round(result["step_s"], 2), first_step_s=round(result["first_step_s"], 2),
+                  threads=torch.get_num_threads())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--modes", default="diffusers-recipe,ctrlnet-fp32,ctrlnet-bf16,unet-finetune")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.steps, args.resolution)
+    results = []
+    for mode in args.modes.split(","):
+        out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps),
+                              "--resolution", str(args.resolution)], capture_output=True, text=True)
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode or not line:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"mode {mode} failed")
+        results.append(json.loads(line[0][7:]))
+        print(json.dumps(results[-1]), flush=True)
+    ref = next((r for r in results if r["mode"] == "diffusers-recipe"), None)
+    print("\n| mode | s/step | speed-up vs diffusers recipe | peak RSS GiB |")
+    print("|---|---|---|---|")
+    for r in results:
+        speed = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+        print(f"| {r['mode']} | {r['step_s']:.2f} | {speed} | {r['peak_rss_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

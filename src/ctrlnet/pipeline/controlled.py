@@ -1,0 +1,353 @@
+"""Generation under control: a prompt plus one or more condition images in, images out.
+
+    from ctrlnet import Pipeline, Control
+    pipe = Pipeline.from_pretrained("nano", controlnets=["nano-canny"])
+    result = pipe("a red circle on a white background",
+                  controls=[Control("nano-canny", image="edges.png", scale=1.0, end=0.8)], seed=0)
+    result.images[0].save("out.png")          # PIL images, "parameters" in result.parameters[i]
+
+``Pipeline.__call__`` follows diffusers' numbered steps; the loop itself is ``sampling.denoise``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..base import BaseModel, load_base
+from ..models.controlnet import ControlNet
+from .images import RESIZE_MODES, load_image, resize_to, round_size, to_rgb
+from .sampling import CONTROL_MODES, ActiveControl, decode, denoise, encode_image, encode_text, sdxl_time_ids
+from .schedulers import make_scheduler, sampler_label
+from .text_to_image import initial_noise
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Control:
+    """One control unit: which net, which image, how it is turned into a condition, how strongly it acts.
+
+    ``model``: a bundled name (``nano-canny``), a diffusers folder, an original file, or a loaded
+    ``ControlNet``. ``image``: a path, PIL image or (H, W[, C]) uint8 array - a ready condition map,
+    or a photo when ``annotator`` names the detector to run on it first. ``annotator="inpaint"``
+    makes the inpaint ControlNet's condition from the init image and the mask (masked pixels -1).
+    ``scale``: one float or one per residual. ``start``/``end``: the fraction of steps where it acts.
+    ``mode``: balanced | prompt | control (see ``sampling``).
+    """
+
+    model: Any
+    image: Any = None
+    annotator: str = ""
+    annotator_params: dict = field(default_factory=dict)
+    scale: float | Sequence[float] = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    resize_mode: str = "crop_and_resize"
+
+    def check(self) -> None:
+        if self.mode not in CONTROL_MODES:
+            raise ValueError(f"control {self.model}: mode {self.mode!r} is not one of {', '.join(CONTROL_MODES)}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"control {self.model}: resize mode {self.resize_mode!r} is not one of "
+                             f"{', '.join(RESIZE_MODES)}")
+        if not 0 <= self.start <= self.end <= 1:
+            raise ValueError(f"control {self.model}: need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+        if self.image is None and self.annotator != "inpaint":
+            raise ValueError(f"control {self.model}: no image given")
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    conditions: list[np.ndarray]  # the condition maps actually used, (H, W, 3) uint8, one per control
+    parameters: list[str]  # A1111-style "parameters" text of each image
+    latents: torch.Tensor | None = None  # (B, C, h, w) final latents
+
+
+def check_compatible(net: ControlNet, base: BaseModel, name: str) -> None:
+    """A clear error when a ControlNet was made for another base architecture."""
+    nc, uc = net.config, base.unet.config
+    problems = []
+    if nc.cross_attention_dim != uc.cross_attention_dim:
+        problems.append(f"cross-attention width {nc.cross_attention_dim} vs the base's {uc.cross_attention_dim}")
+    if tuple(nc.block_out_channels) != tuple(uc.block_out_channels):
+        problems.append(f"channels {tuple(nc.block_out_channels)} vs the base's {tuple(uc.block_out_channels)}")
+    latent_channels = 4 if uc.in_channels == 9 else uc.in_channels  # a 9-channel inpainting UNet takes 4-channel nets
+    if nc.in_channels != latent_channels:
+        problems.append(f"{nc.in_channels} latent channels vs the base's {uc.in_channels}")
+    if (nc.addition_embed_type or None) != (uc.get("addition_embed_type") or None):
+        problems.append(f"added embedding {nc.addition_embed_type} vs the base's {uc.get('addition_embed_type')}")
+    if problems:
+        raise ValueError(f"ControlNet {name} does not fit the base {base.source} ({base.kind}): "
+                         + "; ".join(problems) + ". Use a ControlNet trained for this base family.")
+
+
+def resolve_base(base: str | Path | BaseModel, dtype: torch.dtype = torch.float32) -> BaseModel:
+    if isinstance(base, BaseModel):
+        return base
+    if str(base) == "nano":
+        from ..testbed import NANO_SD
+        base = NANO_SD
+    return load_base(base, dtype=dtype)
+
+
+class Pipeline:
+    """A locked base plus ControlNets, loaded once; call it to generate."""
+
+    def __init__(self, base: BaseModel, controlnets: dict[str, ControlNet] | None = None,
+                 dtype: torch.dtype = torch.float32, name: str = ""):
+        self.base = base
+        self.dtype = dtype
+        self.name = name or Path(str(base.source)).name
+        self.controlnets: dict[str, ControlNet] = {}
+        for key, net in (controlnets or {}).items():
+            self.add_controlnet(key, net)
+
+    @classmethod
+    def from_pretrained(cls, base: str | Path | BaseModel = "nano", controlnets: Sequence[Any] = (),
+                        dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None) -> "Pipeline":
+        """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint; ``controlnets``:
+        names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute)."""
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: use fp32, bf16 or fp16")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if torch_dtype == torch.float16 and device.type == "cpu":
+            warnings.warn("fp16 on a CPU is very slow (no fp16 matmul units); use bf16 or fp32", stacklevel=2)
+        pipe = cls(resolve_base(base).to(device, torch_dtype), dtype=torch_dtype,
+                   name="nano" if str(base) == "nano" else "")
+        for net in controlnets:
+            pipe.controlnet(net)
+        return pipe
+
+    # ------------------------------------------------------------------ models
+
+    def add_controlnet(self, key: str, net: ControlNet) -> ControlNet:
+        check_compatible(net, self.base, key)
+        net = net.to(self.base.unet.device, self.dtype).eval().requires_grad_(False)
+        self.controlnets[key] = net
+        return net
+
+    def controlnet(self, model: Any) -> ControlNet:
+        """A loaded ControlNet for a name, path or net (loaded once, then reused)."""
+        if isinstance(model, ControlNet):
+            key = f"net{id(model)}"
+            return self.controlnets.get(key) or self.add_controlnet(key, model)
+        key = str(model)
+        if key not in self.controlnets:
+            from ..formats import load_controlnet
+            self.add_controlnet(key, load_controlnet(key, dtype=self.dtype))
+        return self.controlnets[key]
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE factor x 2**(UNet downsamplers)."""
+        return self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ inputs
+
+    def condition_map(self, control: Control, width: int, height: int,
+                      init: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+        """The (height, width, 3) condition as float32 in [0, 1] (inpaint: masked pixels -1)."""
+        if control.annotator == "inpaint":
+            source = control.image if control.image is not None else init
+            if source is None or mask is None:
+                raise ValueError("annotator=inpaint needs an init image (or the control's image) and a mask")
+            rgb = resize_to(as_rgb(source, "inpaint image"), width, height, control.resize_mode)
+            cond = rgb.astype(np.float32) / 255.0
+            cond[mask > 0.5] = -1.0  # the inpaint ControlNet's marker for pixels to repaint
+            return cond
+        rgb = as_rgb(control.image, f"control {control.model} image")
+        if control.annotator:
+            from ..annotators import get_annotator
+            rgb = get_annotator(control.annotator, **control.annotator_params)(rgb)
+        return resize_to(rgb, width, height, control.resize_mode).astype(np.float32) / 255.0
+
+    def output_size(self, width: int | None, height: int | None, controls: Sequence[Control],
+                    init: np.ndarray | None) -> tuple[int, int]:
+        """Sides rounded to the size multiple; missing sides follow the init or first control image."""
+        m = self.size_multiple
+        native = self.base.unet.config.sample_size * self.base.vae_scale_factor
+        ref = init if init is not None else next((as_rgb(c.image, str(c.model)) for c in controls
+                                                  if c.image is not None), None)
+        if width is None and height is None:
+            if ref is None:
+                width = height = native
+            else:  # short side to the native size, aspect kept (original apps' resize_image)
+                k = native / min(ref.shape[:2])
+                width, height = ref.shape[1] * k, ref.shape[0] * k
+        elif width is None or height is None:
+            width = width if width is not None else height
+            height = height if height is not None else width
+        return round_size(int(round(width)), m), round_size(int(round(height)), m)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], controls: Sequence[Control] = (), negative_prompt: str = "",
+                 steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
+                 seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
+                 scheduler: str = "ddim", init_image: Any = None, strength: float = 1.0, mask: Any = None,
+                 progress: bool = False, output_type: str = "pil") -> Result:
+        """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
+        the base's own (nano: 2.5 / 0.7, a zero-terminal-SNR model; others 7.5 / 0)."""
+        base = self.base
+        zsnr = bool(base.scheduler.config.get("rescale_betas_zero_snr", False))
+        guidance = guidance if guidance is not None else (2.5 if zsnr else 7.5)
+        guidance_rescale = guidance_rescale if guidance_rescale is not None else (0.7 if zsnr else 0.0)
+        # 1. Check inputs.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if steps < 1 or num_images < 1:
+            raise ValueError(f"steps and num_images must be >= 1, got {steps}, {num_images}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        for c in controls:
+            c.check()
+        self.warn_long_prompts(prompts + [negative_prompt])
+        init = as_rgb(init_image, "init image") if init_image is not None else None
+        if mask is not None and init is None:
+            raise ValueError("a mask needs an init image (init_image=...)")
+        width, height = self.output_size(width, height, controls, init)
+        b = len(prompts) * num_images
+        prompts = [p for p in prompts for _ in range(num_images)]
+        device, dtype = base.unet.device, self.dtype
+        factor = base.vae_scale_factor
+        # 2. Prompts: [uncond; cond] for classifier-free guidance.
+        cond, pooled = encode_text(base, prompts)
+        uncond, uncond_pooled = encode_text(base, [negative_prompt] * b)
+        cfg = guidance > 1
+        text = torch.cat([uncond, cond]) if cfg else cond  # (2B or B, T, D)
+        added = None
+        if pooled is not None:  # SDXL: pooled text and size/crop conditioning
+            added = {"text_embeds": torch.cat([uncond_pooled, pooled]) if cfg else pooled,
+                     "time_ids": sdxl_time_ids(text.shape[0], height, width).to(device, text.dtype)}
+        # 3. Init image and mask (img2img / inpainting), resized like the conditions.
+        init_rs = resize_to(init, width, height) if init is not None else None
+        mask_rs = None
+        if mask is not None:
+            m = as_rgb(mask, "mask").max(axis=2)
+            mask_rs = (resize_to(np.repeat(m[:, :, None], 3, 2), width, height)[..., 0] > 127).astype(np.float32)
+        # 4. Conditions and their hint features, once per generation.
+        maps, actives = [], []
+        for c in controls:
+            net = self.controlnet(c.model)
+            cmap = self.condition_map(c, width, height, init_rs, mask_rs)  # (H, W, 3) float
+            maps.append(cmap)
+            cond_t = torch.from_numpy(cmap).permute(2, 0, 1)[None].to(device, dtype)  # (1, 3, H, W)
+            hint = net.embed_condition(cond_t).expand(b, -1, -1, -1)  # (B, C0, h, w)
+            actives.append(ActiveControl(net, hint, c.scale, c.start, c.end, c.mode))
+        # 5. Timesteps (img2img: skip the first 1 - strength of them).
+        sched = make_scheduler(scheduler, base.scheduler.config)
+        sched.set_timesteps(steps, device=device)
+        timesteps = sched.timesteps
+        if init_rs is not None and strength < 1:
+            keep = max(1, int(round(steps * strength)))
+            timesteps = timesteps[(steps - keep) * sched.order:]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index((steps - keep) * sched.order)
+        # 6. Latents: per-sample noise (seed + i); img2img starts from the noised init image.
+        shape = (base.vae.config.latent_channels, height // factor, width // factor)
+        noise = initial_noise(shape, b, seed).to(device)
+        gen = torch.Generator().manual_seed(seed)
+        inpaint = None
+        if init_rs is not None:
+            x = torch.from_numpy(init_rs).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
+            image_latents = encode_image(base, x).expand(b, -1, -1, -1).to(device)
+            if strength < 1:
+                latents = sched.add_noise(image_latents, noise, timesteps[:1])
+            else:
+                latents = noise * sched.init_noise_sigma
+            if mask_rs is not None:
+                lm = torch.from_numpy(mask_rs)[None, None]  # (1, 1, H, W)
+                lm = torch.nn.functional.interpolate(lm, size=shape[1:], mode="nearest").expand(b, -1, -1, -1)
+                inpaint = {"mask": lm.to(device), "image_latents": image_latents, "noise": noise}
+                if base.unet.config.in_channels == 9:
+                    masked = x * (1 - torch.from_numpy(mask_rs)[None, None])
+                    inpaint["masked_image_latents"] = encode_image(base, masked).expand(b, -1, -1, -1).to(device)
+        else:
+            latents = noise * sched.init_noise_sigma
+        # 7. Denoising loop.
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(timesteps), desc="sampling", unit="step")
+        latents = denoise(base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
+                          generator=gen, inpaint=inpaint, callback=(lambda i: bar.update(1)) if bar else None)
+        if bar:
+            bar.close()
+        # 8. Decode, with the parameters of each image.
+        params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
+                                       seed + i, width, height, controls,
+                                       strength if init is not None else None)
+                  for i, p in enumerate(prompts)]
+        if output_type == "latent":
+            return Result([], [np.clip(m * 255, 0, 255).astype(np.uint8) for m in maps], params, latents)
+        images = decode(base, latents).numpy()
+        return Result([Image.fromarray(a) for a in images],
+                      [np.clip(m * 255, 0, 255).astype(np.uint8) for m in maps], params, latents)
+
+    def warn_long_prompts(self, prompts: list[str]) -> None:
+        tok = self.base.tokenizer
+        for p in prompts:
+            n = len(tok(p, truncation=False).input_ids)
+            if n > tok.model_max_length:
+                warnings.warn(f"prompt has {n} tokens; the text encoder reads {tok.model_max_length}, the rest is "
+                              f"cut: {p[:60]!r}...", stacklevel=3)
+
+    def parameters_text(self, prompt, negative_prompt, steps, scheduler, guidance, guidance_rescale, seed, width,
+                        height, controls, strength) -> str:
+        """The A1111 "parameters" text: prompt, negative prompt, then "Key: value" pairs."""
+        items = [("Steps", steps), ("Sampler", sampler_label(scheduler)), ("CFG scale", guidance),
+                 ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", self.name)]
+        if guidance_rescale:
+            items.append(("CFG rescale", guidance_rescale))
+        if strength is not None:
+            items.append(("Denoising strength", strength))
+        mode_names = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                      "control": "ControlNet is more important"}
+        for i, c in enumerate(controls):
+            model = c.model if not isinstance(c.model, ControlNet) else "custom"
+            unit = (f"Module: {c.annotator or 'none'}, Model: {model}, Weight: {c.scale}, Resize Mode: "
+                    f"{c.resize_mode}, Guidance Start: {c.start}, Guidance End: {c.end}, Control Mode: "
+                    f"{mode_names[c.mode]}")
+            items.append((f"ControlNet {i}", f'"{unit}"'))
+        text = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
+        return text + "\n" + ", ".join(f"{k}: {v}" for k, v in items)
+
+
+def as_rgb(item: Any, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 from a path, PIL image or array."""
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    return to_rgb(item, where)
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """A PNG with the generation parameters in a "parameters" text chunk (read by A1111 and others)."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
+
+
+def grid(result: Result, path: str | Path) -> Path:
+    """One row per image: its condition maps, then the image."""
+    rows = []
+    for image in result.images:
+        a = np.asarray(image)
+        cells = [np.asarray(Image.fromarray(m).resize(image.size)) for m in result.conditions] + [a]
+        rows.append(np.concatenate(cells, axis=1))
+    path = Path(path)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path

@@ -1,0 +1,179 @@
+"""The denoising loop with control, written out once: text-to-image, img2img and inpainting,
+any number of ControlNets, each with its scale, start/end window and control mode.
+
+Control semantics (REFERENCE section 3; A1111 ``controlnet.py``: ``soft_injection = mode !=
+balanced``, ``cfg_injection = mode == control``):
+
+- ``balanced``: the net's residuals go to both classifier-free-guidance halves, flat scales;
+- ``prompt`` ("my prompt is more important"): both halves, soft scales ``scale * 0.825**(n-1-i)``;
+- ``control`` ("ControlNet is more important", the original guess mode, diffusers'
+  ``guess_mode``): soft scales, and the net runs on the conditional half only (the unconditional
+  half gets no control, so CFG multiplies the control's effect). Only half the batch goes through
+  the ControlNet.
+- A net is active at step i of N when ``i/N >= start`` and ``(i+1)/N <= end`` (diffusers' rule);
+  inactive nets and nets with scale 0 are not run at all (diffusers runs them and multiplies by 0).
+- Hint features (the hint encoder's output) are computed once per generation, not per step.
+- Residuals of several nets are summed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..base import BaseModel
+from ..models.control import controlled_unet_forward, sum_residuals
+from ..models.controlnet import ControlNet
+
+CONTROL_MODES = ("balanced", "prompt", "control")
+
+
+def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Match the guided prediction's per-sample std to the conditional one's, mixed by ``guidance_rescale``
+    (Lin et al. 2023, arXiv 2305.08891, section 3.4)."""
+    if guidance_rescale <= 0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, T) ids padded to the tokenizer's context; longer prompts are truncated."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_text(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden (B, T, D), pooled (B, P) or None).
+
+    SD1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
+    states concatenated (768 + 1280 = 2048) and the second encoder's projected pooled output.
+    """
+    if base.text_encoder_2 is None:
+        ids = tokenize(base.tokenizer, prompts).to(base.text_encoder.device)
+        return base.text_encoder(ids)[0], None
+    hidden, pooled = [], None
+    for tok, enc in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        out = enc(tokenize(tok, prompts).to(enc.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(batch: int, height: int, width: int) -> torch.Tensor:
+    """SDXL micro-conditioning (original size, crop top-left, target size): uncropped, same size."""
+    return torch.tensor([[height, width, 0, 0, height, width]] * batch, dtype=torch.float32)
+
+
+@dataclass
+class ActiveControl:
+    """One ControlNet ready for the loop: its hint features (computed once) and how it acts."""
+
+    net: ControlNet
+    hint: torch.Tensor  # (B, C0, h, w): net.embed_condition(condition), B = the latents' batch
+    scale: float | Sequence[float] = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+
+    def __post_init__(self):
+        if self.mode not in CONTROL_MODES:
+            raise ValueError(f"control mode {self.mode!r}: use one of {', '.join(CONTROL_MODES)}")
+        if not 0 <= self.start <= self.end <= 1:
+            raise ValueError(f"control start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
+
+    def active(self, i: int, n: int) -> bool:
+        zero = all(s == 0 for s in self.scale) if isinstance(self.scale, (list, tuple)) else self.scale == 0
+        return not zero and i / n >= self.start and (i + 1) / n <= self.end
+
+
+def control_residuals(controls: Sequence[ActiveControl], i: int, n: int, model_in: torch.Tensor, t,
+                      text: torch.Tensor, added: dict | None, cfg: bool):
+    """Summed residuals of the nets active at step i of n, for the (2B if cfg else B) batch."""
+    out = []
+    for c in controls:
+        if not c.active(i, n):
+            continue
+        net, soft = c.net, c.mode != "balanced"
+        if cfg and c.mode == "control":  # conditional half only; zeros for the unconditional half
+            half = model_in.shape[0] // 2
+            cond_added = {k: v[half:] for k, v in added.items()} if added else None
+            down, mid = net(model_in[half:].to(net.dtype), t, text[half:].to(net.dtype), hint=c.hint,
+                            conditioning_scale=c.scale, guess_mode=soft, added_cond_kwargs=cond_added)
+            down = tuple(torch.cat([torch.zeros_like(d), d]) for d in down)  # (2B, C, h, w)
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        else:
+            hint = torch.cat([c.hint, c.hint]) if cfg else c.hint  # (2B or B, C0, h, w)
+            down, mid = net(model_in.to(net.dtype), t, text.to(net.dtype), hint=hint, conditioning_scale=c.scale,
+                            guess_mode=soft, added_cond_kwargs=added)
+        out.append((down, mid))
+    return sum_residuals(out)
+
+
+@torch.no_grad()
+def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, scheduler, timesteps: torch.Tensor,
+            guidance: float, guidance_rescale: float = 0.0, controls: Sequence[ActiveControl] = (),
+            added: dict | None = None, generator: torch.Generator | None = None,
+            inpaint: dict | None = None, callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Run the sampler over ``timesteps`` from ``latents`` (B, C, h, w) float32; returns the final latents.
+
+    ``text`` is (2B, T, D) [uncond; cond] when ``guidance > 1``, else (B, T, D).
+    ``inpaint`` (with a 4-channel UNet): {"mask": (B, 1, h, w) 1 = repaint, "image_latents": (B, C, h, w),
+    "noise": (B, C, h, w)}; the kept region is re-noised to each step's level and pasted back
+    (diffusers' StableDiffusionControlNetInpaintPipeline). A 9-channel inpainting UNet instead gets
+    {"mask", "masked_image_latents"} concatenated to its input.
+    """
+    unet = base.unet
+    cfg = guidance > 1
+    n = len(timesteps)
+    # only stochastic samplers (DDPM, Euler a, ...) take a generator
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i, t in enumerate(timesteps):
+        model_in = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, h, w)
+        model_in = scheduler.scale_model_input(model_in, t)
+        if inpaint is not None and unet.config.in_channels == 9:
+            extra = torch.cat([inpaint["mask"], inpaint["masked_image_latents"]], dim=1)  # (B, 5, h, w)
+            unet_in = torch.cat([model_in, torch.cat([extra] * 2) if cfg else extra], dim=1)
+        else:
+            unet_in = model_in
+        residuals = control_residuals(controls, i, n, model_in, t, text, added, cfg)
+        pred = controlled_unet_forward(unet, unet_in.to(unet.dtype), t, text.to(unet.dtype), residuals,
+                                       added_cond_kwargs=added).float()
+        if cfg:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+            pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale)
+        latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
+        if inpaint is not None and unet.config.in_channels == 4:
+            kept = inpaint["image_latents"]
+            if i < n - 1:
+                kept = scheduler.add_noise(kept, inpaint["noise"], timesteps[i + 1:i + 2])
+            latents = (1 - inpaint["mask"]) * kept + inpaint["mask"] * latents
+        if callback is not None:
+            callback(i)
+    return latents
+
+
+@torch.no_grad()
+def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents -> (B, H, W, 3) uint8 images."""
+    vae = base.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype), return_dict=False)[0]
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def encode_image(base: BaseModel, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w), float32 (the posterior's mean when no generator)."""
+    vae = base.vae
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    z = dist.sample(generator) if generator is not None else dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((z.float() - shift) * vae.config.scaling_factor)

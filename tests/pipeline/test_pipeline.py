@@ -1,0 +1,198 @@
+"""The generation pipeline on tiny real models: parity with diffusers, control semantics (scale,
+start/end, modes, several nets), samplers, img2img, inpainting, outputs and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctrlnet.base import load_base
+from ctrlnet.models import ControlNet
+from ctrlnet.pipeline import Control, Pipeline
+from ctrlnet.pipeline.sampling import ActiveControl, control_residuals
+from ctrlnet.pipeline.schedulers import SCHEDULERS
+from ctrlnet.testbed.tiny import write_tiny_base
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe-bases")
+    return {f: write_tiny_base(root / f, f) for f in ("sd15", "sd21", "sdxl")}
+
+
+def trained_looking(base, seed=0) -> ControlNet:
+    """A ControlNet from the base's encoder with its zero convs moved off zero (as after training)."""
+    net = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 8)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net
+
+
+def condition(size=64, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((size, size, 3)) > 0.7).astype(np.uint8) * 255
+
+
+def count_batches(net):
+    """Batch sizes the ControlNet's forward saw (a real forward hook, not a mock)."""
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("start, end, scale", [(0.0, 1.0, 1.0), (0.25, 0.75, 0.5)])
+def test_latents_equal_diffusers_controlnet_pipeline(bases, tmp_path, start, end, scale):
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from ctrlnet.formats import save_controlnet
+    base = load_base(bases["sd15"])
+    net = trained_looking(base)
+    save_controlnet(net, tmp_path / "net")
+    theirs = ControlNetModel.from_pretrained(tmp_path / "net", local_files_only=True).eval()
+    ref = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, controlnet=theirs,
+        scheduler=DDIMScheduler.from_config(base.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    cond = condition()
+    pipe = Pipeline(base, {"net": net})
+    ours = pipe(["a red circle", "a blue square"], controls=[Control("net", cond, scale=scale, start=start, end=end)],
+                steps=4, guidance=7.5, guidance_rescale=0.0, seed=3, scheduler="ddim", output_type="latent").latents
+    from ctrlnet.pipeline.text_to_image import initial_noise
+    noise = initial_noise((4, 8, 8), 2, 3)
+    expected = ref(["a red circle", "a blue square"], image=Image.fromarray(cond), num_inference_steps=4,
+                   guidance_scale=7.5, latents=noise, controlnet_conditioning_scale=scale,
+                   control_guidance_start=start, control_guidance_end=end, output_type="latent").images
+    plain = pipe(["a red circle", "a blue square"], steps=4, guidance=7.5, guidance_rescale=0.0, seed=3,
+                 output_type="latent").latents
+    assert (ours - plain).abs().max() > 1e-3  # the control does something
+    assert (ours - expected).abs().max() <= 1e-4
+
+
+def test_start_end_scale_zero_and_control_mode_skip_work(bases):
+    base = load_base(bases["sd15"])
+    net = trained_looking(base)
+    pipe = Pipeline(base, {"net": net})
+    seen = count_batches(net)
+    pipe("a circle", controls=[Control("net", condition(), end=0.5)], steps=8, guidance=5.0)
+    assert seen == [2] * 4  # active for steps 0..3 of 8 only, CFG halves batched
+    seen.clear()
+    pipe("a circle", controls=[Control("net", condition(), scale=0.0)], steps=4, guidance=5.0)
+    assert seen == []  # scale 0: never run
+    seen.clear()
+    pipe("a circle", controls=[Control("net", condition(), mode="control")], steps=4, guidance=5.0)
+    assert seen == [1] * 4  # conditional half only
+
+
+def test_control_modes_and_summed_nets(bases):
+    base = load_base(bases["sd15"])
+    a, b = trained_looking(base, 0), trained_looking(base, 1)
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(4, 77, 12, generator=torch.Generator().manual_seed(1))
+    cond = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    ha, hb = a.embed_condition(cond), b.embed_condition(cond)
+    with torch.no_grad():
+        down, mid = control_residuals([ActiveControl(a, ha, mode="control")], 0, 1, x, 500, text, None, cfg=True)
+        assert all((d[:2] == 0).all() for d in down) and (mid[:2] == 0).all()  # no control on the uncond half
+        soft = a(x[2:], 500, text[2:], hint=ha, guess_mode=True)
+        assert all(torch.allclose(d[2:], s, atol=1e-6) for d, s in zip(down, soft[0]))
+        down_p, _ = control_residuals([ActiveControl(a, ha, mode="prompt")], 0, 1, x, 500, text, None, cfg=True)
+        n = len(down_p)
+        flat = a(x, 500, text, hint=torch.cat([ha, ha]))[0]
+        for i in (0, n - 1):  # soft scales 0.825**(12-i) on both halves
+            assert torch.allclose(down_p[i], flat[i] * 0.825 ** (n - i), atol=1e-6)
+        both = control_residuals([ActiveControl(a, ha), ActiveControl(b, hb, scale=0.5)], 0, 1, x, 500, text, None,
+                                 cfg=True)
+        ra = a(x, 500, text, hint=torch.cat([ha, ha]))
+        rb = b(x, 500, text, hint=torch.cat([hb, hb]), conditioning_scale=0.5)
+        assert torch.allclose(both[1], ra[1] + rb[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd21", "sdxl"])
+def test_other_families(bases, family):
+    base = load_base(bases[family])
+    net = trained_looking(base)
+    pipe = Pipeline(base, {"net": net})
+    res = pipe("a red circle", controls=[Control("net", condition())], steps=3, guidance=3.0, num_images=2)
+    plain = pipe("a red circle", steps=3, guidance=3.0, num_images=2)
+    assert len(res.images) == 2 and res.images[0].size == (64, 64)
+    assert not np.array_equal(np.asarray(res.images[0]), np.asarray(plain.images[0])) or \
+        (res.latents - plain.latents).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs_and_is_reproducible(bases, name):
+    pipe = Pipeline(load_base(bases["sd15"]))
+    a = pipe("a red circle", steps=3, guidance=3.0, scheduler=name, seed=1, output_type="latent").latents
+    b = pipe("a red circle", steps=3, guidance=3.0, scheduler=name, seed=1, output_type="latent").latents
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown scheduler 'heunn'"):
+        pipe("x", steps=1, scheduler="heunn")
+
+
+def test_img2img_and_inpainting(bases):
+    base = load_base(bases["sd15"])
+    pipe = Pipeline(base)
+    init = np.zeros((64, 64, 3), np.uint8)
+    init[16:48, 16:48] = (200, 40, 40)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    from ctrlnet.pipeline.sampling import encode_image
+    x = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
+    init_latents = encode_image(base, x)
+    light = pipe("a red square", init_image=init, strength=0.25, steps=8, seed=0, output_type="latent").latents
+    full = pipe("a red square", init_image=init, strength=1.0, steps=8, seed=0, output_type="latent").latents
+    assert (light - init_latents).abs().mean() < (full - init_latents).abs().mean()
+    res = pipe("a red square", init_image=init, mask=mask, steps=4, seed=0, output_type="latent")
+    lat = res.latents
+    assert torch.equal(lat[..., :4], init_latents[..., :4])  # kept half: the init image's latents exactly
+    assert not torch.equal(lat[..., 4:], init_latents[..., 4:])
+    # The inpaint ControlNet's condition: the init image with masked pixels at -1.
+    cond = pipe.condition_map(Control("x", annotator="inpaint"), 64, 64, init, (mask > 0).astype(np.float32))
+    assert (cond[:, 32:] == -1).all() and np.allclose(cond[20, 20], np.array([200, 40, 40]) / 255)
+    with pytest.raises(ValueError, match="mask needs an init image"):
+        pipe("x", mask=mask, steps=1)
+
+
+def test_png_parameters_and_grid(bases, tmp_path):
+    from ctrlnet.pipeline.controlled import grid, save_png
+    base = load_base(bases["sd15"])
+    pipe = Pipeline(base, {"canny-net": trained_looking(base)})
+    res = pipe("a red circle", controls=[Control("canny-net", condition(), end=0.8, mode="prompt")],
+               negative_prompt="blurry", steps=2, guidance=3.0, seed=7, scheduler="euler_a")
+    path = save_png(res.images[0], tmp_path / "a.png", res.parameters[0])
+    text = Image.open(path).text["parameters"]
+    assert text.startswith("a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 3.0, Seed: 7")
+    assert "Model: canny-net" in text and "Guidance End: 0.8" in text and "My prompt is more important" in text
+    g = np.asarray(Image.open(grid(res, tmp_path / "grid.png")))
+    assert g.shape == (64, 128, 3)
+
+
+def test_bad_input_is_named(bases, tmp_path):
+    nano_like = load_base(bases["sdxl"])
+    other = trained_looking(load_base(bases["sd15"]))
+    with pytest.raises(ValueError, match="does not fit the base.*cross-attention width 12 vs the base's 20"):
+        Pipeline(nano_like, {"sd15-net": other})
+    pipe = Pipeline(load_base(bases["sd15"]), {"net": other})
+    with pytest.raises(ValueError, match="missing.png: no such image file"):
+        pipe("x", controls=[Control("net", str(tmp_path / "missing.png"))], steps=1)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png: cannot decode image"):
+        pipe("x", controls=[Control("net", str(tmp_path / "bad.png"))], steps=1)
+    with pytest.raises(ValueError, match="unknown annotator 'hed'"):
+        pipe("x", controls=[Control("net", condition(), annotator="hed")], steps=1)
+    with pytest.raises(ValueError, match="mode 'strong'"):
+        pipe("x", controls=[Control("net", condition(), mode="strong")], steps=1)
+    with pytest.warns(UserWarning, match="402 tokens; the text encoder reads 16"):
+        pipe("word " * 100, steps=1)
+
+
+def test_sizes_round_to_the_model_multiple(bases):
+    pipe = Pipeline(load_base(bases["sd15"]))  # tiny: VAE 8x, one downsampler -> multiple 16
+    assert pipe.size_multiple == 16
+    assert pipe.output_size(70, 100, [], None) == (64, 96)
+    wide = np.zeros((50, 100, 3), np.uint8)
+    assert pipe.output_size(None, None, [Control("x", wide)], None) == (128, 64)  # short side to native 64
+    assert pipe("x", width=40, height=40, steps=1).images[0].size == (48, 48)
