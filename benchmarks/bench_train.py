@@ -73,9 +73,7 @@ def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
     tr = Trainer(cfg, progress=False, base=base)
     tr.train()
     log = [json.loads(l) for l in (tmp / "run" / "log.jsonl").read_text().splitlines() if "loss" in l]
-    times = [1 / r["img_per_s"] for r in log]  # batch 1: seconds per step (20-step window average)
-    # img_per_s is a running mean; recover per-step times from it
-    per_step = [times[0]] + [times[i] * (i + 1) - times[i - 1] * i for i in range(1, len(times))]
+    per_step = [r["step_s"] for r in log]  # wall time of each optimizer step (batch, forward, backward, AdamW)
     return {"step_s": sum(per_step[1:]) / len(per_step[1:]), "first_step_s": per_step[0]}
 
 

@@ -42,3 +42,45 @@ def test_bad_file_is_one_line_error_without_traceback(tmp_path):
     r = run("inspect", str(tmp_path / "junk.safetensors"))
     assert r.returncode == 2
     assert "junk.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_with_bundled_nano_models(tmp_path):
+    """The defaults: nano base, a bundled ControlNet by name, a ready condition map and an annotator."""
+    import numpy as np
+    from PIL import Image
+    from ctrlnet.testbed.shapes import render, sample_layout
+    maps = render(sample_layout(0, seed=21, size=128), 128)
+    Image.fromarray(maps["canny"]).save(tmp_path / "edges.png")
+    Image.fromarray(maps["target"]).save(tmp_path / "photo.png")
+    r = run("generate", "--prompt", "a red circle on a white background", "--steps", "4", "--num-images", "2",
+            "--control", f"model=nano-canny,image={tmp_path / 'edges.png'},end=0.8",
+            "--control", f"model=nano-canny,image={tmp_path / 'photo.png'},annotator=canny,scale=0.5",
+            "--grid", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["000.png", "001.png", "grid.png"]
+    image = Image.open(tmp_path / "out" / "001.png")
+    assert image.size == (128, 128)
+    params = image.text["parameters"]
+    assert "Seed: 1" in params and "ControlNet 1" in params and "Module: canny" in params
+    assert np.asarray(Image.open(tmp_path / "out" / "grid.png")).shape == (256, 3 * 128, 3)
+    r = run("generate", "--prompt", "a blue square", "--steps", "2", "--out", str(tmp_path / "one.png"))
+    assert r.returncode == 0 and (tmp_path / "one.png").is_file(), r.stderr
+
+
+def test_generate_errors_are_one_line(tmp_path):
+    cases = [
+        (["--control", f"model=nano-canny,image={tmp_path / 'none.png'}"], "none.png: no such image file"),
+        (["--control", "model=nano-canny,image=x.png,annotator=hed"], "unknown annotator 'hed'"),
+        (["--control", "model=nano-canny,image=x.png,strength=2"], "unknown key 'strength'"),
+        (["--control", "image=x.png"], "model=NAME_OR_PATH is required"),
+        (["--scheduler", "heunn"], "unknown scheduler 'heunn'"),
+        (["--control", f"model={tmp_path / 'nothing'},image=x.png"], "nothing"),
+    ]
+    Path(tmp_path / "x.png").write_bytes(b"")
+    for extra, words in cases:
+        r = run("generate", "--prompt", "a red circle", "--steps", "1", "--out", str(tmp_path / "o"), *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert words in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+    r = run("generate", "--prompt", "a red circle " * 20, "--steps", "1", "--out", str(tmp_path / "long.png"))
+    assert r.returncode == 0 and "warning: prompt has" in r.stderr, r.stderr

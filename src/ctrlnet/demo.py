@@ -47,34 +47,32 @@ def nano_text_to_image(out: Path) -> None:
 
 
 def nano_controlled(out: Path, n: int = 6) -> None:
-    import cv2
+    """Each bundled nano ControlNet through ``ctrlnet.Pipeline`` on new ShapesWorld conditions."""
     import numpy as np
+    from PIL import Image
     from .eval.control import controllability
-    from .pipeline import text_to_image
+    from .pipeline import Control, Pipeline
     from .testbed import bundled_controlnets
     from .testbed.shapes import render, sample_layout
-    from .training.data import condition_to_tensor
-    nets = {k: v for k, v in bundled_controlnets().items() if k.startswith("nano-")}
-    if not nets:
+    names = [k for k in bundled_controlnets() if k.startswith("nano-")]
+    if not names:
         print("no bundled nano ControlNets yet")
         return
-    base = load_base(NANO_SD)
-    samples = [sample_layout(i, seed=7, size=128) for i in range(n)]
+    pipe = Pipeline.from_pretrained("nano", controlnets=names)
+    samples = [sample_layout(i, seed=7, size=128) for i in range(n)]  # seed 7: in no training set
     maps = [render(s, 128) for s in samples]
-    prompts = [s.caption for s in samples]
-    plain = text_to_image(base, prompts, steps=20, seed=0)
-    for name, path in nets.items():
+    prompts = [s.prompt for s in samples]
+    plain = [np.asarray(pipe(p, seed=i).images[0]) for i, p in enumerate(prompts)]
+    for name in names:
         kind = name.split("-", 1)[1]  # nano-canny -> canny
-        net = load_controlnet(path, dtype=torch.float32).eval()
-        conds = [m[kind] for m in maps]
         start = time.perf_counter()
-        images = text_to_image(base, prompts, steps=20, seed=0, controlnets=[net],
-                               conditions=[condition_to_tensor(conds)])
+        images = [np.asarray(pipe(p, controls=[Control(name, m[kind])], seed=i).images[0])
+                  for i, (p, m) in enumerate(zip(prompts, maps))]
         seconds = time.perf_counter() - start
         scores = [controllability(g, m["target"]) for g, m in zip(images, maps)]
-        rows = [np.concatenate([c, g, m["target"], p], axis=1) for c, g, m, p in zip(conds, images, maps, plain)]
+        rows = [np.concatenate([m[kind], g, m["target"], p], axis=1) for g, m, p in zip(images, maps, plain)]
         png = out / f"{name}.png"
-        cv2.imwrite(str(png), cv2.cvtColor(np.concatenate(rows), cv2.COLOR_RGB2BGR))
+        Image.fromarray(np.concatenate(rows)).save(png)
         print(f"{name}: {n} images in {seconds:.1f} s, mask IoU {np.mean([s['iou'] for s in scores]):.3f}, "
               f"edge F1 {np.mean([s['edge_f1'] for s in scores]):.3f} (without control: "
               f"{np.mean([controllability(p, m['target'])['iou'] for p, m in zip(plain, maps)]):.3f} IoU) -> {png}")

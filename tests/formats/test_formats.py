@@ -202,7 +202,8 @@ def test_not_a_controlnet_and_missing_paths(tmp_path):
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(2)}, tmp_path / "unet.safetensors")
     with pytest.raises(CheckpointError, match="not a ControlNet"):
         load_controlnet(tmp_path / "unet.safetensors")
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match="nope.safetensors: no such ControlNet file or folder, and not a "
+                                              "bundled name"):
         load_controlnet(tmp_path / "nope.safetensors")
     (tmp_path / "folder").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):

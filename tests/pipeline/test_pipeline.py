@@ -43,11 +43,14 @@ def count_batches(net):
     return seen
 
 
-@pytest.mark.parametrize("start, end, scale", [(0.0, 1.0, 1.0), (0.25, 0.75, 0.5)])
-def test_latents_equal_diffusers_controlnet_pipeline(bases, tmp_path, start, end, scale):
+@pytest.mark.parametrize("family, start, end, scale", [("sd15", 0.0, 1.0, 1.0), ("sd15", 0.25, 0.75, 0.5),
+                                                        ("nano", 0.0, 1.0, 1.0)])
+def test_latents_equal_diffusers_controlnet_pipeline(bases, tmp_path, family, start, end, scale):
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
     from ctrlnet.formats import save_controlnet
-    base = load_base(bases["sd15"])
+    from ctrlnet.testbed import NANO_SD
+    base = load_base(NANO_SD if family == "nano" else bases[family])
+    size = base.unet.config.sample_size * 8
     net = trained_looking(base)
     save_controlnet(net, tmp_path / "net")
     theirs = ControlNetModel.from_pretrained(tmp_path / "net", local_files_only=True).eval()
@@ -56,12 +59,12 @@ def test_latents_equal_diffusers_controlnet_pipeline(bases, tmp_path, start, end
         scheduler=DDIMScheduler.from_config(base.scheduler.config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    cond = condition()
+    cond = condition(size)
     pipe = Pipeline(base, {"net": net})
     ours = pipe(["a red circle", "a blue square"], controls=[Control("net", cond, scale=scale, start=start, end=end)],
                 steps=4, guidance=7.5, guidance_rescale=0.0, seed=3, scheduler="ddim", output_type="latent").latents
     from ctrlnet.pipeline.text_to_image import initial_noise
-    noise = initial_noise((4, 8, 8), 2, 3)
+    noise = initial_noise((4, size // 8, size // 8), 2, 3)
     expected = ref(["a red circle", "a blue square"], image=Image.fromarray(cond), num_inference_steps=4,
                    guidance_scale=7.5, latents=noise, controlnet_conditioning_scale=scale,
                    control_guidance_start=start, control_guidance_end=end, output_type="latent").images
@@ -196,3 +199,17 @@ def test_sizes_round_to_the_model_multiple(bases):
     wide = np.zeros((50, 100, 3), np.uint8)
     assert pipe.output_size(None, None, [Control("x", wide)], None) == (128, 64)  # short side to native 64
     assert pipe("x", width=40, height=40, steps=1).images[0].size == (48, 48)
+
+
+def test_one_condition_per_prompt_equals_separate_calls(bases):
+    base = load_base(bases["sd15"])
+    pipe = Pipeline(base, {"net": trained_looking(base)})
+    a, b = condition(seed=1), condition(seed=2)
+    both = pipe(["a red circle", "a blue square"], controls=[Control("net", [a, b])], steps=3, guidance=3.0, seed=4,
+                num_images=2, output_type="latent")
+    one = pipe("a blue square", controls=[Control("net", b)], steps=3, guidance=3.0, seed=6, num_images=2,
+               output_type="latent")
+    assert torch.allclose(both.latents[2:], one.latents, atol=1e-5)  # prompt 1's images: seeds 6, 7
+    assert len(both.conditions[0]) == 2 and np.array_equal(both.conditions[0][1], b)
+    with pytest.raises(ValueError, match="3 images for 2 prompts"):
+        pipe(["x", "y"], controls=[Control("net", [a, b, a])], steps=1)

@@ -36,7 +36,7 @@ def test_bundled_controlnet_controls_the_nano_base(name):
     kind = name.split("-", 1)[1]
     samples = [sample_layout(i, seed=11, size=128) for i in range(4)]  # not in any training set (seed 11)
     maps = [render(s, 128) for s in samples]
-    prompts = [s.caption for s in samples]
+    prompts = [s.prompt for s in samples]
     controlled = text_to_image(base, prompts, steps=10, seed=0, controlnets=[net],
                                conditions=[condition_to_tensor([m[kind] for m in maps])])
     plain = text_to_image(base, prompts, steps=10, seed=0)

@@ -52,3 +52,32 @@ def controllability(generated: np.ndarray, target: np.ndarray, canny_low: int = 
     """Scores of one generated image against its ground-truth target (both (H, W, 3) uint8)."""
     return {"iou": foreground_iou(generated, target),
             "edge_f1": edge_f1(canny(generated, canny_low, canny_high), canny(target, canny_low, canny_high))}
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean structural similarity of two images ((H, W) or (H, W, 3) uint8, compared in grey):
+    Gaussian window sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2 (Wang et al. 2004)."""
+    grey = lambda x: (cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) if x.ndim == 3 else x).astype(np.float64)
+    x, y = grey(a), grey(b)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    blur = lambda z: cv2.GaussianBlur(z, (11, 11), 1.5)
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+def region_miou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean IoU over the regions (distinct colours) of ``truth``, each matched to the ``pred`` colour
+    that overlaps it best - segmentation maps whose colours name regions, not fixed classes, as
+    the colour-clustering annotator's do. With a fixed class palette on both sides it is the usual
+    mIoU whenever each class's best match is itself."""
+    t = truth.reshape(-1, truth.shape[-1]) if truth.ndim == 3 else truth.reshape(-1, 1)
+    p = pred.reshape(-1, pred.shape[-1]) if pred.ndim == 3 else pred.reshape(-1, 1)
+    _, t_id = np.unique(t, axis=0, return_inverse=True)
+    _, p_id = np.unique(p, axis=0, return_inverse=True)
+    t_id, p_id = t_id.ravel(), p_id.ravel()
+    joint = np.zeros((t_id.max() + 1, p_id.max() + 1), np.int64)
+    np.add.at(joint, (t_id, p_id), 1)
+    union = joint.sum(1, keepdims=True) + joint.sum(0, keepdims=True) - joint
+    return float((joint / np.maximum(union, 1)).max(axis=1).mean())

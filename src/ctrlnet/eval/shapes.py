@@ -65,3 +65,48 @@ def score_single_shape(image: np.ndarray, colour: str, shape: str, background: s
     found_colour = nearest_colour(np.median(image[mask], axis=0), exclude=bg_name) if mask.any() else None
     return {"background_ok": bg_name == background, "colour_ok": found_colour == colour,
             "shape_ok": shape_class(mask) == shape, "found": [found_colour, shape_class(mask), bg_name]}
+
+
+def true_object_masks(record: dict, size: int) -> list[np.ndarray]:
+    """(H, W) bool mask of every shape of a ShapesWorld metadata record, drawn from its geometry."""
+    from ..testbed.shapes import Shape, draw
+    masks = []
+    for s in record["shapes"]:
+        shape = Shape(s["shape"], s["colour"], tuple(s["rgb"]), s["cx"], s["cy"], s["size"])
+        m = np.zeros((size, size), np.uint8)
+        draw(m, shape, 255)
+        masks.append(m > 0)
+    return masks
+
+
+def score_objects(image: np.ndarray, record: dict) -> list[dict]:
+    """Per object of a metadata record: mask IoU, colour and shape class read off ``image``.
+
+    The generated mask of object j: pixels whose nearest colour among the sample's own colours
+    (background and objects) is object j's colour, inside object j's bounding box grown by half
+    its size (two objects may share a colour), median-filtered, largest component.
+    Colour: the nearest palette name (not the background's) to the median colour inside the true
+    mask, eroded by 2 px. Shape: the class of the generated mask's geometry.
+    """
+    size = image.shape[0]
+    truth = true_object_masks(record, size)
+    names = [record["background"]] + [s["colour"] for s in record["shapes"]]
+    colours = np.array([PALETTE[n] for n in names], np.float32)  # (1 + K, 3)
+    d = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - colours[None, None], axis=-1)
+    nearest = np.argmin(d, axis=-1)  # (H, W) index into names
+    out = []
+    for j, (s, true) in enumerate(zip(record["shapes"], truth)):
+        x0, y0, x1, y1 = s["bbox"]
+        pad = int(0.5 * max(x1 - x0, y1 - y0))
+        window = np.zeros_like(true)
+        window[max(0, y0 - pad):y1 + pad, max(0, x0 - pad):x1 + pad] = True
+        raw = np.isin(nearest, [k for k, name in enumerate(names) if name == s["colour"]]) & window
+        raw = cv2.medianBlur(raw.astype(np.uint8) * 255, 5) > 0
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(raw.astype(np.uint8), connectivity=8)
+        mask = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) if n > 1 else np.zeros_like(raw)
+        inner = cv2.erode(true.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        inner = inner if inner.any() else true
+        found = nearest_colour(np.median(image[inner], axis=0), exclude=record["background"])
+        out.append({"iou": mask_iou(mask, true), "colour_ok": found == s["colour"],
+                    "shape_ok": shape_class(mask) == s["shape"]})
+    return out

@@ -219,7 +219,8 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
                     dtype: torch.dtype | None = None) -> ControlNet:
     """A ControlNet from any supported format (see module docstring), detected automatically.
 
-    ``path`` may also name a bundled ControlNet (``nano-canny``, ``nano-segmentation``).
+    ``path`` may also name a bundled ControlNet (``nano-canny``, ``nano-segmentation``) or a
+    ``ctrlnet train`` checkpoint folder (``run/checkpoints/step-000500``: its EMA weights if any).
     The net comes back in the file's precision unless ``dtype`` is given. ``config``
     overrides what is read or inferred (needed only for custom architectures saved
     by other tools, whose head counts the weights cannot tell).
@@ -227,9 +228,17 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
     path = Path(path)
     if not path.exists():
         from ..testbed import bundled_controlnets
-        path = bundled_controlnets().get(str(path), path)  # a bundled name: "nano-canny"
+        bundled = bundled_controlnets()
+        if str(path) not in bundled:
+            raise CheckpointError(f"{path}: no such ControlNet file or folder, and not a bundled name "
+                                  f"({', '.join(bundled) or 'none bundled'})")
+        path = bundled[str(path)]  # a bundled name: "nano-canny"
     if isinstance(config, dict):
         config = ControlNetConfig.from_dict(config)
+    if path.is_dir() and (path / "state.json").is_file() and (path / "state.safetensors").is_file():
+        from ..training.checkpoint import controlnet_from_checkpoint  # a `ctrlnet train` checkpoint (step-N)
+        net = controlnet_from_checkpoint(path)
+        return net.to(dtype) if dtype else net
     if path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.is_file():

@@ -30,13 +30,18 @@ from .text_to_image import initial_noise
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than the text encoder's context; the rest is cut."""
+
+
 @dataclass
 class Control:
     """One control unit: which net, which image, how it is turned into a condition, how strongly it acts.
 
     ``model``: a bundled name (``nano-canny``), a diffusers folder, an original file, or a loaded
     ``ControlNet``. ``image``: a path, PIL image or (H, W[, C]) uint8 array - a ready condition map,
-    or a photo when ``annotator`` names the detector to run on it first. ``annotator="inpaint"``
+    or a photo when ``annotator`` names the detector to run on it first - used for every prompt; or
+    a list with one such image per prompt. ``annotator="inpaint"``
     makes the inpaint ControlNet's condition from the init image and the mask (masked pixels -1).
     ``scale``: one float or one per residual. ``start``/``end``: the fraction of steps where it acts.
     ``mode``: balanced | prompt | control (see ``sampling``).
@@ -62,14 +67,20 @@ class Control:
             raise ValueError(f"control {self.model}: need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
         if self.image is None and self.annotator != "inpaint":
             raise ValueError(f"control {self.model}: no image given")
+        if self.annotator and self.annotator != "inpaint":
+            from ..annotators import get_annotator
+            get_annotator(self.annotator, **self.annotator_params)  # unknown names/parameters fail here, early
 
 
 @dataclass
 class Result:
     images: list[Image.Image]
-    conditions: list[np.ndarray]  # the condition maps actually used, (H, W, 3) uint8, one per control
+    # the condition maps actually used, (H, W, 3) uint8, one per control (a list of them, one per
+    # prompt, for a control given one image per prompt)
+    conditions: list
     parameters: list[str]  # A1111-style "parameters" text of each image
     latents: torch.Tensor | None = None  # (B, C, h, w) final latents
+    num_images: int = 1  # per prompt: image i belongs to prompt i // num_images
 
 
 def check_compatible(net: ControlNet, base: BaseModel, name: str) -> None:
@@ -176,7 +187,8 @@ class Pipeline:
         """Sides rounded to the size multiple; missing sides follow the init or first control image."""
         m = self.size_multiple
         native = self.base.unet.config.sample_size * self.base.vae_scale_factor
-        ref = init if init is not None else next((as_rgb(c.image, str(c.model)) for c in controls
+        first = lambda image: image[0] if isinstance(image, (list, tuple)) else image
+        ref = init if init is not None else next((as_rgb(first(c.image), str(c.model)) for c in controls
                                                   if c.image is not None), None)
         if width is None and height is None:
             if ref is None:
@@ -196,9 +208,10 @@ class Pipeline:
                  steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
                  seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
                  scheduler: str = "ddim", init_image: Any = None, strength: float = 1.0, mask: Any = None,
-                 progress: bool = False, output_type: str = "pil") -> Result:
+                 progress: bool = False, callback=None, output_type: str = "pil") -> Result:
         """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
-        the base's own (nano: 2.5 / 0.7, a zero-terminal-SNR model; others 7.5 / 0)."""
+        the base's own (nano: 2.5 / 0.7, a zero-terminal-SNR model; others 7.5 / 0).
+        ``callback(i)`` is called after denoising step i; ``output_type="latent"`` skips decoding."""
         base = self.base
         zsnr = bool(base.scheduler.config.get("rescale_betas_zero_snr", False))
         guidance = guidance if guidance is not None else (2.5 if zsnr else 7.5)
@@ -237,12 +250,18 @@ class Pipeline:
             mask_rs = (resize_to(np.repeat(m[:, :, None], 3, 2), width, height)[..., 0] > 127).astype(np.float32)
         # 4. Conditions and their hint features, once per generation.
         maps, actives = [], []
+        n_prompts = b // num_images
         for c in controls:
             net = self.controlnet(c.model)
-            cmap = self.condition_map(c, width, height, init_rs, mask_rs)  # (H, W, 3) float
-            maps.append(cmap)
-            cond_t = torch.from_numpy(cmap).permute(2, 0, 1)[None].to(device, dtype)  # (1, 3, H, W)
-            hint = net.embed_condition(cond_t).expand(b, -1, -1, -1)  # (B, C0, h, w)
+            per_prompt = isinstance(c.image, (list, tuple))
+            if per_prompt and len(c.image) != n_prompts:
+                raise ValueError(f"control {c.model}: {len(c.image)} images for {n_prompts} prompts")
+            units = [Control(**{**c.__dict__, "image": im}) for im in c.image] if per_prompt else [c]
+            cmaps = [self.condition_map(u, width, height, init_rs, mask_rs) for u in units]  # (H, W, 3) float
+            maps.append(cmaps if per_prompt else cmaps[0])
+            cond_t = torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, dtype)  # (1 or P, 3, H, W)
+            hint = net.embed_condition(cond_t)  # (1 or P, C0, h, w)
+            hint = hint.repeat_interleave(num_images, 0) if per_prompt else hint.expand(b, -1, -1, -1)  # (B, ...)
             actives.append(ActiveControl(net, hint, c.scale, c.start, c.end, c.mode))
         # 5. Timesteps (img2img: skip the first 1 - strength of them).
         sched = make_scheduler(scheduler, base.scheduler.config)
@@ -279,20 +298,27 @@ class Pipeline:
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(timesteps), desc="sampling", unit="step")
+
+        def on_step(i: int) -> None:
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(i)
         latents = denoise(base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
-                          generator=gen, inpaint=inpaint, callback=(lambda i: bar.update(1)) if bar else None)
-        if bar:
+                          generator=gen, inpaint=inpaint, callback=on_step)
+        if bar is not None:
             bar.close()
         # 8. Decode, with the parameters of each image.
         params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
                                        seed + i, width, height, controls,
                                        strength if init is not None else None)
                   for i, p in enumerate(prompts)]
+        to_uint8 = lambda m: np.clip(m * 255, 0, 255).astype(np.uint8)
+        conditions = [[to_uint8(x) for x in m] if isinstance(m, list) else to_uint8(m) for m in maps]
         if output_type == "latent":
-            return Result([], [np.clip(m * 255, 0, 255).astype(np.uint8) for m in maps], params, latents)
+            return Result([], conditions, params, latents, num_images)
         images = decode(base, latents).numpy()
-        return Result([Image.fromarray(a) for a in images],
-                      [np.clip(m * 255, 0, 255).astype(np.uint8) for m in maps], params, latents)
+        return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images)
 
     def warn_long_prompts(self, prompts: list[str]) -> None:
         tok = self.base.tokenizer
@@ -300,7 +326,7 @@ class Pipeline:
             n = len(tok(p, truncation=False).input_ids)
             if n > tok.model_max_length:
                 warnings.warn(f"prompt has {n} tokens; the text encoder reads {tok.model_max_length}, the rest is "
-                              f"cut: {p[:60]!r}...", stacklevel=3)
+                              f"cut: {p[:60]!r}...", PromptTruncatedWarning, stacklevel=3)
 
     def parameters_text(self, prompt, negative_prompt, steps, scheduler, guidance, guidance_rescale, seed, width,
                         height, controls, strength) -> str:
@@ -344,9 +370,10 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
 def grid(result: Result, path: str | Path) -> Path:
     """One row per image: its condition maps, then the image."""
     rows = []
-    for image in result.images:
+    for i, image in enumerate(result.images):
         a = np.asarray(image)
-        cells = [np.asarray(Image.fromarray(m).resize(image.size)) for m in result.conditions] + [a]
+        maps = [m if isinstance(m, np.ndarray) else m[i // result.num_images] for m in result.conditions]
+        cells = [np.asarray(Image.fromarray(m).resize(image.size)) for m in maps] + [a]
         rows.append(np.concatenate(cells, axis=1))
     path = Path(path)
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)

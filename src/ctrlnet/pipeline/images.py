@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+MAX_PIXELS = 64_000_000  # larger images are refused before decoding (8000 x 8000)
 
 
 class ImageError(ValueError):
@@ -64,6 +65,9 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {im.width}x{im.height} has more than {MAX_PIXELS:,} pixels (a "
+                                 "decompression bomb?); downscale it first")
             im.load()
             rgb = to_rgb(im, str(path))
     except Image.DecompressionBombError as e:

@@ -5,7 +5,8 @@
 
 Writes the run's final ControlNet as a diffusers folder in fp16 safetensors (half the bytes; load
 with ``dtype=torch.float32`` on CPUs) and ``TRAINING.json``: the exact commands (data, training),
-seed, steps and wall time, read from the run itself.
+seed, steps and wall time, read from the run itself, and the figures of the given ``ctrlnet eval``
+reports.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from . import CONTROLNETS
 
 
-def bundle(run: Path, name: str, config: str, overrides: list[str]) -> Path:
+def bundle(run: Path, name: str, config: str, overrides: list[str], reports: list[str] = ()) -> Path:
     from ..formats import load_controlnet, save_controlnet
     from ..training.checkpoint import latest_checkpoint
     record = json.loads((run / "controlnet" / "training.json").read_text())
@@ -38,9 +39,19 @@ def bundle(run: Path, name: str, config: str, overrides: list[str]) -> Path:
         "learning_rate": cfg["learning_rate"], "last_validation": val[-1] if val else None,
         "dtype": "float16 (trained in float32)",
         "machine": "2 vCPU (AMD EPYC), torch 2.13.0 CPU, fp32 training",
-        "note": "max_train_minutes stops on wall time: rerunning reproduces the recipe, not these bytes"},
+        "note": ("the run ended at max_train_steps: rerunning the commands on the same machine repeats it"
+                 if record["steps"] == cfg["max_train_steps"] else
+                 "the run stopped on max_train_minutes (wall time): rerunning repeats the recipe, not these bytes"),
+        "eval": [_eval_summary(Path(r)) for r in reports]},
         indent=2) + "\n")
     return out
+
+
+def _eval_summary(report: Path) -> dict:
+    """The numbers of a `ctrlnet eval` report.json, with the command-relevant settings."""
+    r = json.loads(report.read_text())
+    return {"data": r["data"], "n": r["n"], "controls": r["controls"], "settings": r["settings"],
+            "metrics": r["results"][-1]["metrics"], "without_control": r["baseline"]}
 
 
 def main(argv=None) -> None:
@@ -50,8 +61,9 @@ def main(argv=None) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--config", required=True, help="the config the run was started with")
     parser.add_argument("--set", action="append", default=[], help="the --set overrides the run was started with")
+    parser.add_argument("--report", action="append", default=[], help="`ctrlnet eval` report.json files to record")
     args = parser.parse_args(argv)
-    print(bundle(args.run, args.name, args.config, args.set))
+    print(bundle(args.run, args.name, args.config, args.set, args.report))
 
 
 if __name__ == "__main__":

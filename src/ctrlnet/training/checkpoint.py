@@ -112,3 +112,13 @@ def write_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors.torch import load_file
     return load_file(path / "state.safetensors"), json.loads((path / "state.json").read_text())
+
+
+def controlnet_from_checkpoint(path: Path):
+    """The ControlNet of a training checkpoint folder (``step-N``): its EMA weights when the run
+    kept an EMA (what the final folder would hold), else the live weights."""
+    from ..models.controlnet import ControlNet, ControlNetConfig
+    tensors, state = read_checkpoint(Path(path))
+    net = ControlNet(ControlNetConfig.from_dict(state["controlnet_config"]))
+    net.load_state_dict(unflat("ema", tensors) or unflat("controlnet", tensors))
+    return net

@@ -367,7 +367,7 @@ class Trainer:
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if acc.is_main_process and (self.step % c.log_every == 0 or self.step == c.max_train_steps):
                 self.monitor.log(step=self.step, loss=mean_loss, lr=self.lr_scheduler.get_last_lr()[0],
-                                 minutes=round(self.elapsed() / 60, 2),
+                                 minutes=round(self.elapsed() / 60, 2), step_s=round(window[-1], 4),
                                  img_per_s=round(c.train_batch_size * acc.num_processes * accum * len(window)
                                                  / sum(window), 2), skipped_bad=self.skipped)
             last = self.step == c.max_train_steps or self.out_of_time()

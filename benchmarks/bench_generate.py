@@ -1,0 +1,143 @@
+"""Controlled generation speed, SD1.5-sized (random weights from the shipped configs), CPU:
+ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run, same weights.
+
+    .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4]
+
+Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
+
+- ``diffusers fp32``: diffusers' pipeline with its default dtype (fp32);
+- ``ctrlnet fp32`` / ``ctrlnet bf16``: ours (bf16 = weights and compute in bfloat16);
+- ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
+- ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
+
+s/step: after a 1-step warm-up call, the time from the start of a ``--steps`` call to its last
+step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net). GFLOPS = FLOPs of one step (UNet + active ControlNet, counted with
+torch.utils.flop_counter) / s/step, also as a fraction of this machine's measured matmul peak in
+that dtype (a 4096^3 matmul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import random_sd15_base  # noqa: E402  (the same SD1.5-sized random base)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def step_flops(base, net, resolution: int) -> tuple[float, float]:
+    """(UNet GFLOP, ControlNet GFLOP) of one CFG step (batch 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    h = resolution // 8
+    x = torch.randn(2, 4, h, h)
+    text = torch.randn(2, 77, 768)
+    cond = torch.rand(2, 3, resolution, resolution)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            base.unet(x, 500, text)
+        unet = fc.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as fc:
+            net(x, 500, text, condition=cond)
+        control = fc.get_total_flops() / 1e9
+    return unet, control
+
+
+def timed(run, steps: int) -> float:
+    """Seconds per denoising step: a 1-step warm-up call, then ``steps`` steps from the call's start to
+    the last step's callback (prompt encoding and hint features, done once, are included; decoding is not)."""
+    run(1, lambda: None)
+    stamps = []
+    start = time.perf_counter()
+    run(steps, lambda: stamps.append(time.perf_counter()))
+    assert len(stamps) == steps
+    return (stamps[-1] - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", default="256,512")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+    from ctrlnet.formats import save_controlnet
+    from ctrlnet.models import ControlNet
+    from ctrlnet.pipeline import Control, Pipeline
+    torch.set_grad_enabled(False)
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    print(json.dumps({"matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+                      "threads": torch.get_num_threads()}), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = random_sd15_base(Path(tmp))
+        net = ControlNet.from_unet(base.unet).eval()
+        with torch.no_grad():  # move the zero convs off zero, as after training
+            for m in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+                for p in m.parameters():
+                    p.normal_(0, 0.01)
+        save_controlnet(net, Path(tmp) / "net")
+        theirs = ControlNetModel.from_pretrained(Path(tmp) / "net", local_files_only=True).eval()
+        for res in [int(r) for r in args.resolutions.split(",")]:
+            unet_gf, control_gf = step_flops(base, net, res)
+            cond = Image.fromarray((np.random.default_rng(0).random((res, res, 3)) > 0.8).astype(np.uint8) * 255)
+            prompt = "a photo of a red circle on a blue background"
+            results = {}
+            ref = StableDiffusionControlNetPipeline(
+                vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                unet=base.unet, controlnet=theirs, scheduler=DDIMScheduler.from_config(base.scheduler.config),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            ref.set_progress_bar_config(disable=True)
+            results["diffusers fp32"] = timed(lambda n, cb: ref(
+                prompt, image=cond, num_inference_steps=n, guidance_scale=7.5, height=res, width=res,
+                output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1]), args.steps)
+            del ref
+            for dtype in ("fp32", "bf16"):
+                torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+                b, n = (base, net) if dtype == "fp32" else (copy.deepcopy(base).to(dtype=torch_dtype),
+                                                             copy.deepcopy(net))
+                pipe = Pipeline(b, {"net": n}, dtype=torch_dtype)
+                common = dict(guidance=7.5, guidance_rescale=0.0, width=res, height=res, output_type="latent")
+                image = np.asarray(cond)
+                results[f"ctrlnet {dtype}"] = timed(lambda k, cb: pipe(
+                    prompt, controls=[Control("net", image)], steps=k, callback=lambda i: cb(), **common), args.steps)
+                results[f"ctrlnet {dtype} base only"] = timed(lambda k, cb: pipe(
+                    prompt, steps=k, callback=lambda i: cb(), **common), args.steps)
+                results[f"ctrlnet {dtype} end=0.5"] = timed(lambda k, cb: pipe(
+                    prompt, controls=[Control("net", image, end=0.5)], steps=k, callback=lambda i: cb(), **common),
+                    args.steps)
+                del pipe, b, n
+            ref_s = results["diffusers fp32"]
+            for mode, s in results.items():
+                dtype = "bf16" if "bf16" in mode else "fp32"
+                flops = unet_gf + (0 if "base only" in mode else control_gf * (0.5 if "end=0.5" in mode else 1))
+                row = {"resolution": res, "mode": mode, "s_per_step": round(s, 3),
+                       "speedup_vs_diffusers_fp32": round(ref_s / s, 2), "gflop_per_step": round(flops, 1),
+                       "gflops": round(flops / s, 1), "peak_fraction": round(flops / s / peaks[dtype], 2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.2f} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
+              f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""``ctrlnet annotate``: an annotator over single images or whole folders, in parallel, resumable,
+optionally writing a training-ready data set.
+
+- Inputs: image files and folders (searched recursively for .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff).
+- Output: ``OUT/<path relative to its input folder>.png``; an existing output newer than its input
+  is skipped (rerun the command to finish an interrupted batch).
+- Bad files (undecodable, empty, too many pixels) do not stop the batch: they are listed at the end.
+- ``dataset="fill50k"`` writes ``OUT/prompt.json`` (``{"source", "target", "prompt"}``),
+  ``dataset="imagefolder"`` writes ``OUT/metadata.jsonl`` (``file_name``, ``conditioning_image``,
+  ``text``); paths are relative to OUT. Captions come from ``.txt`` sidecars (``a.png`` ->
+  ``a.txt``) or a ``captions`` file: CSV with columns ``file_name,text`` or JSON lines with those
+  keys (``file_name`` relative to its input folder, or a bare file name).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class Job:
+    source: Path
+    rel: Path  # output path relative to OUT, ".png"
+
+
+@dataclass
+class Report:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # already done
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    dataset: Path | None = None
+
+
+def collect(inputs: list[str | Path]) -> list[Job]:
+    jobs = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            jobs += [Job(p, p.relative_to(item).with_suffix(".png")) for p in files]
+        elif item.is_file():
+            jobs.append(Job(item, Path(item.name).with_suffix(".png")))
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    for j in jobs:
+        if j.rel in seen:
+            raise ValueError(f"{j.source} and {seen[j.rel]} would both be written to {j.rel}; annotate them separately")
+        seen[j.rel] = j.source
+    return jobs
+
+
+def _run_one(args) -> tuple[str, str | None]:
+    """Worker: annotate one file. Returns (output path, error or None)."""
+    name, params, source, target = args
+    from PIL import Image
+    from ..pipeline.images import ImageError, load_image
+    from . import get_annotator
+    try:
+        image = load_image(source)
+        out = get_annotator(name, **params)(image)
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        Image.fromarray(np.ascontiguousarray(out)).save(tmp, format="PNG")
+        os.replace(tmp, target)  # never a half-written map under the final name
+        return str(target), None
+    except (ImageError, ValueError, OSError) as e:
+        return str(target), str(e)
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such captions file")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"file_name", "text"} <= set(rows[0]):
+            raise ValueError(f"{path}: a captions CSV needs columns file_name,text (found {list(rows[0])})")
+    else:
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not JSON ({e})") from None
+    return {str(r["file_name"]): str(r["text"]) for r in rows}
+
+
+def caption_for(job: Job, captions: dict[str, str] | None) -> str | None:
+    if captions is not None:
+        for key in (job.rel.with_suffix(job.source.suffix).as_posix(), job.source.name, str(job.source)):
+            if key in captions:
+                return captions[key]
+        return None
+    sidecar = job.source.with_suffix(".txt")
+    return sidecar.read_text().strip() if sidecar.is_file() else None
+
+
+def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict | None = None, workers: int = 1,
+             dataset: str = "", captions: str | Path | None = None, progress: bool = True) -> Report:
+    """Annotate every input image into ``out``; see the module docstring."""
+    from . import get_annotator
+    params = params or {}
+    get_annotator(name, **params)  # unknown annotator / parameters: fail before any work
+    if dataset not in ("", "fill50k", "imagefolder"):
+        raise ValueError(f"dataset must be fill50k or imagefolder, got {dataset!r}")
+    out = Path(out)
+    jobs = collect(inputs)
+    caption_map = read_captions(Path(captions)) if captions else None
+    report = Report()
+    todo = []
+    for j in jobs:
+        target = out / j.rel
+        if target.is_file() and target.stat().st_mtime >= j.source.stat().st_mtime:
+            report.skipped.append(target)
+        else:
+            todo.append(j)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(todo), desc=f"annotate {name}", unit="img", disable=not progress)
+    args = [(name, params, str(j.source), str(out / j.rel)) for j in todo]
+    results = []
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for r in pool.map(_run_one, args, chunksize=max(1, len(args) // (workers * 8))):
+                results.append(r)
+                bar.update(1)
+    else:
+        for a in args:
+            results.append(_run_one(a))
+            bar.update(1)
+    bar.close()
+    for j, (target, error) in zip(todo, results):
+        if error:
+            report.failed.append((j.source, error))
+        else:
+            report.written.append(Path(target))
+    if dataset:
+        failed = {s for s, _ in report.failed}
+        rows = []
+        for j in jobs:
+            if j.source in failed:
+                continue
+            cond = (out / j.rel).relative_to(out).as_posix()
+            image = os.path.relpath(j.source.resolve(), out.resolve())
+            text = caption_for(j, caption_map)
+            if text is None:
+                report.failed.append((j.source, "no caption (.txt sidecar or captions file); left out of the data set"))
+                continue
+            rows.append({"source": cond, "target": image, "prompt": text} if dataset == "fill50k"
+                        else {"file_name": image, "conditioning_image": cond, "text": text})
+        path = out / ("prompt.json" if dataset == "fill50k" else "metadata.jsonl")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+        report.dataset = path
+    return report

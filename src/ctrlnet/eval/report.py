@@ -1,0 +1,278 @@
+"""``ctrlnet eval``: does a ControlNet follow its condition, did the base keep its knowledge, and
+when did training converge (ControlNet++ protocol, REFERENCE section 6).
+
+For the first ``n`` samples of a data set (fill50k ``prompt.json``, ``metadata.jsonl``, or a
+ShapesWorld folder), ``seeds`` images each are generated from (condition, caption), then scored:
+
+- re-extraction: the control's annotator runs on the generated image and is compared with the
+  input condition: canny / scribble -> edge F1 (1-pixel tolerance, ``eval.control.edge_f1``);
+  softedge / lineart / others -> SSIM; segmentation (colour clustering) -> region mIoU;
+- ShapesWorld, exactly from the metadata: foreground mask IoU against the target, per-object mask
+  IoU, colour accuracy against the prompt (the base kept its knowledge), shape-class accuracy;
+- the same prompts and seeds without control: the baseline that shows what control adds.
+
+Several ``--control`` units act together (residuals summed). ``split_objects``: on ShapesWorld
+samples with two or more objects, control k sees its condition only around object k (e.g. canny
+for one object, segmentation for another), and each object is scored on its own. A model given as
+a glob (``run/checkpoints/step-*``) is evaluated per checkpoint: controllability against the
+training step. Output: ``report.json`` (every number, the config, versions, seeds), ``report.md``,
+``samples.png`` (condition | generated | re-extracted | without control), ``bars.png``,
+``curves.png`` (with several checkpoints).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .control import edge_f1, foreground_iou, region_miou, ssim
+from .shapes import score_objects, true_object_masks
+
+EDGE_ANNOTATORS = {"canny", "scribble", "threshold"}
+
+
+@dataclass
+class EvalControl:
+    """One ControlNet under evaluation. ``annotator`` makes its condition from the target and
+    re-extracts it from the generated image; ``condition`` instead names a metadata column holding
+    the condition's path (ShapesWorld: ``canny``, ``segmentation``, ``outline``); neither: the data's
+    own condition column."""
+
+    model: str
+    annotator: str = ""
+    condition: str = ""
+    scale: float = 1.0
+
+
+def reextraction_metric(annotator: str):
+    """(name, fn(re_extracted, input_condition) -> float) for an annotator."""
+    if annotator in EDGE_ANNOTATORS:
+        return "edge_f1", lambda a, b: edge_f1(a, b, tolerance=1)
+    if annotator == "segmentation":
+        return "region_miou", region_miou
+    return "ssim", ssim
+
+
+def load_samples(data: str | Path, n: int) -> list[dict]:
+    """[{"target", "prompt", "condition" (the data's own), "columns": metadata row or {}, "root"}]."""
+    from ..pipeline.images import load_image
+    from ..training.data import read_records
+    path = Path(data)
+    records = read_records(path, need_condition=False)[:n]
+    folder = path if path.is_dir() else path.parent
+    meta_path = folder / "metadata.jsonl"
+    meta = [json.loads(l) for l in meta_path.read_text().splitlines() if l.strip()][:n] if meta_path.is_file() else []
+    if meta and [folder / m["file_name"] for m in meta] != [Path(r.image) for r in records]:
+        meta = []  # metadata of other images: not usable for exact scores
+    samples = []
+    for i, r in enumerate(records):
+        samples.append({"target": load_image(r.image), "prompt": r.text, "condition": r.condition,
+                        "columns": meta[i] if meta else {}, "root": folder})
+    return samples
+
+
+def condition_for(control: EvalControl, sample: dict) -> np.ndarray:
+    from ..annotators import get_annotator
+    from ..pipeline.images import load_image
+    if control.annotator:
+        return get_annotator(control.annotator)(sample["target"])
+    if control.condition:
+        if control.condition not in sample["columns"]:
+            raise ValueError(f"eval: the data has no metadata column {control.condition!r} for control "
+                             f"{control.model}")
+        return load_image(sample["root"] / sample["columns"][control.condition])
+    if not sample["condition"]:
+        raise ValueError(f"eval: control {control.model}: the data has no condition column; set annotator= "
+                         "or condition=")
+    return load_image(sample["condition"])
+
+
+def expand_models(controls: list[EvalControl]) -> list[tuple[int | None, list[EvalControl]]]:
+    """[(training step or None, controls)]: one entry, or one per checkpoint of a globbed model."""
+    globbed = [i for i, c in enumerate(controls) if any(ch in c.model for ch in "*?[")]
+    if not globbed:
+        return [(None, controls)]
+    if len(globbed) > 1:
+        raise ValueError("eval: only one --control may name several checkpoints (a glob)")
+    i = globbed[0]
+    paths = sorted(glob.glob(controls[i].model))
+    if not paths:
+        raise ValueError(f"eval: {controls[i].model} matches nothing")
+    step = lambda p: int(m.group(1)) if (m := re.search(r"(\d+)\D*$", Path(p).name)) else None
+    out = []
+    for p in sorted(paths, key=lambda p: (step(p) is None, step(p) or 0)):
+        cs = list(controls)
+        cs[i] = EvalControl(p, controls[i].annotator, controls[i].condition, controls[i].scale)
+        out.append((step(p), cs))
+    return out
+
+
+def score_image(image: np.ndarray, sample: dict, controls: list[EvalControl], conditions: list[np.ndarray],
+                split_objects: bool) -> dict[str, float]:
+    from ..annotators import get_annotator
+    scores = {}
+    for k, (c, cond) in enumerate(zip(controls, conditions)):
+        if c.annotator:
+            name, fn = reextraction_metric(c.annotator)
+            scores[f"control{k}_{name}"] = fn(get_annotator(c.annotator)(image), cond)
+    meta = sample["columns"]
+    if meta.get("shapes"):
+        scores["mask_iou"] = foreground_iou(image, sample["target"])
+        objects = score_objects(image, meta)
+        scores["object_iou"] = float(np.mean([o["iou"] for o in objects]))
+        scores["colour_accuracy"] = float(np.mean([o["colour_ok"] for o in objects]))
+        scores["shape_accuracy"] = float(np.mean([o["shape_ok"] for o in objects]))
+        if split_objects:
+            for k in range(len(controls)):
+                scores[f"object{k}_iou"] = objects[k]["iou"]
+                scores[f"object{k}_colour_ok"] = float(objects[k]["colour_ok"])
+    return scores
+
+
+def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str | Path, n: int = 200,
+             seeds: int = 1, steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
+             scheduler: str = "ddim", dtype: str = "fp32", baseline: bool = True, split_objects: bool = False,
+             progress: bool = True, batch: int = 16) -> dict:
+    """Generate, score and write the report; returns the report dict (also ``out/report.json``)."""
+    from ..pipeline import Control, Pipeline
+    if not controls:
+        raise ValueError("eval: give at least one --control")
+    out = Path(out)
+    samples = load_samples(data, n if not split_objects else 10 * n)
+    if split_objects:
+        samples = [s for s in samples if len(s["columns"].get("shapes", [])) >= len(controls)][:n]
+        if not samples:
+            raise ValueError(f"eval: split_objects needs ShapesWorld samples with >= {len(controls)} objects")
+    variants = expand_models(controls)
+    pipe = Pipeline.from_pretrained(base, dtype=dtype)
+    size = samples[0]["target"].shape[0]
+    conditions = []  # per sample: one map per control
+    for s in samples:
+        maps = [condition_for(c, s) for c in controls]
+        if split_objects:  # control k acts around object k only
+            masks = true_object_masks(s["columns"], maps[0].shape[0])
+            maps = [m * (cv2.dilate(masks[k].astype(np.uint8), np.ones((7, 7), np.uint8))[..., None] > 0)
+                    for k, m in enumerate(maps)]
+        conditions.append([m.astype(np.uint8) for m in maps])
+    settings = dict(steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, scheduler=scheduler,
+                    width=size, height=size)
+    from tqdm.auto import tqdm
+
+    def run(units: list[EvalControl] | None, label: str):
+        images, scores = [], []
+        bar = tqdm(total=len(samples), desc=label, disable=not progress, unit="sample")
+        for s0 in range(0, len(samples), batch):  # one call per batch; image j of sample i: seed i * seeds + j
+            chunk = range(s0, min(s0 + batch, len(samples)))
+            ctrl = [Control(u.model, [conditions[i][k] for i in chunk], scale=u.scale)
+                    for k, u in enumerate(units)] if units else []
+            res = pipe([samples[i]["prompt"] for i in chunk], controls=ctrl, seed=s0 * seeds, num_images=seeds,
+                       **settings)
+            for b, img in enumerate(res.images):
+                i = s0 + b // seeds
+                a = np.asarray(img)
+                images.append(a)
+                scores.append(score_image(a, samples[i], controls, conditions[i], split_objects))
+            bar.update(len(chunk))
+        bar.close()
+        keys = scores[0].keys() if scores else []
+        return images, {k: round(float(np.mean([sc[k] for sc in scores])), 4) for k in keys}
+
+    start = time.perf_counter()
+    results = []
+    last_images = None
+    for step, units in variants:
+        images, metrics = run(units, f"eval {Path(units[0].model).name}")
+        results.append({"models": [u.model for u in units], "step": step, "metrics": metrics})
+        last_images = images
+        for u in units:  # free the nets of this checkpoint before the next
+            pipe.controlnets.pop(str(u.model), None)
+    base_images, base_metrics = run(None, "eval without control") if baseline else (None, None)
+    seconds = time.perf_counter() - start
+    import diffusers
+    import torch
+    from .. import __version__
+    report = {
+        "base": str(base), "data": str(data), "n": len(samples), "seeds": seeds, "images_per_config": len(last_images),
+        "controls": [asdict(c) for c in controls], "split_objects": split_objects,
+        "settings": {**settings, "dtype": dtype, "seed_rule": "sample i, image j: seed i * seeds + j"},
+        "results": results, "baseline": base_metrics, "seconds": round(seconds, 1),
+        "versions": {"ctrlnet": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+        "metric_notes": {"edge_f1": "binary edges, a pixel matches within 1 px (Chebyshev)",
+                         "ssim": "grey, Gaussian window 1.5", "region_miou": "each true region's best-matching region",
+                         "mask_iou": "foreground (far from the border colour) vs the target's",
+                         "object_iou": "per ShapesWorld object, from metadata geometry",
+                         "colour_accuracy": "object colour vs the prompt's", "shape_accuracy": "cleaned-mask geometry"},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, out / "report.md")
+    write_figures(report, samples, conditions, last_images, base_images, controls, seeds, out)
+    return report
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    keys = list(report["results"][-1]["metrics"])
+    lines = [f"# ctrlnet eval: {report['data']} ({report['n']} samples x {report['seeds']} seeds)", "",
+             f"Base `{report['base']}`; controls: " + ", ".join(
+                 f"`{c['model']}`" + (f" (annotator {c['annotator']})" if c["annotator"] else "")
+                 for c in report["controls"]), "",
+             "| model | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in report["results"]:
+        lines.append(f"| {', '.join(Path(m).name for m in r['models'])} | {r['step'] if r['step'] is not None else '-'} | "
+                     + " | ".join(f"{r['metrics'].get(k, float('nan')):.3f}" for k in keys) + " |")
+    if report["baseline"]:
+        lines.append("| without control | - | " + " | ".join(
+            f"{report['baseline'][k]:.3f}" if k in report["baseline"] else "-" for k in keys) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_figures(report, samples, conditions, images, base_images, controls, seeds, out: Path) -> None:
+    from PIL import Image
+    from ..annotators import get_annotator
+    rows = []
+    for i in range(min(6, len(samples))):
+        g = images[i * seeds]
+        cells = list(conditions[i]) + [g]
+        cells += [get_annotator(c.annotator)(g) for c in controls if c.annotator]
+        if base_images:
+            cells.append(base_images[i * seeds])
+        rows.append(np.concatenate(cells, axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out / "samples.png")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    final = report["results"][-1]["metrics"]
+    keys = list(final)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.6))
+    x = np.arange(len(keys))
+    ax.bar(x - 0.2, [final[k] for k in keys], 0.4, label="with control")
+    if report["baseline"]:
+        ax.bar(x + 0.2, [report["baseline"].get(k, 0) for k in keys], 0.4, label="without control")
+    ax.set_xticks(x, keys, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bars.png", dpi=100)
+    plt.close(fig)
+    steps = [r for r in report["results"] if r["step"] is not None]
+    if len(steps) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for k in keys:
+            ax.plot([r["step"] for r in steps], [r["metrics"][k] for r in steps], marker="o", label=k)
+        ax.set(xlabel="training step", ylabel="score", ylim=(0, 1), title="controllability against training step")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=100)
+        plt.close(fig)

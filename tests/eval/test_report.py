@@ -1,0 +1,89 @@
+"""`ctrlnet eval`: metrics with known answers, per-object ShapesWorld scores, and the report end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctrlnet.eval.control import region_miou, ssim
+from ctrlnet.eval.report import EvalControl, evaluate
+from ctrlnet.eval.shapes import score_objects
+from ctrlnet.testbed.shapes import generate, render, sample_layout
+
+
+def test_ssim_and_region_miou_known_answers():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, 255 - a) < 0
+    truth = np.zeros((10, 10), np.uint8)
+    truth[:, 5:] = 1  # two regions of 50 px
+    assert region_miou(truth, truth) == 1.0
+    assert region_miou(truth * 7 + 3, truth) == 1.0  # region colours need not match, only regions
+    shifted = np.zeros_like(truth)
+    shifted[:, 7:] = 1  # left region grows to 70 px, right one shrinks to 30
+    # by hand: left IoU 50/70, right IoU 30/50
+    assert region_miou(shifted, truth) == pytest.approx((50 / 70 + 30 / 50) / 2)
+    assert region_miou(np.zeros_like(truth), truth) == pytest.approx((50 / 100 + 50 / 100) / 2)
+
+
+def test_objects_score_perfectly_on_their_own_targets_and_worse_when_moved():
+    for i in range(20):
+        s = sample_layout(i, seed=5, size=128)
+        maps = render(s, 128)
+        record = json.loads(json.dumps({"background": s.background, "shapes": [vars(x) for x in s.shapes]}))
+        scores = score_objects(maps["target"], record)
+        assert all(o["iou"] > 0.95 and o["colour_ok"] and o["shape_ok"] for o in scores), (s.prompt, scores)
+        moved = score_objects(np.roll(maps["target"], 20, axis=1), record)
+        assert np.mean([o["iou"] for o in moved]) < np.mean([o["iou"] for o in scores]) - 0.2
+
+
+@pytest.fixture(scope="module")
+def val(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("eval") / "val", 12, seed=9, size=128, workers=1, progress=False)
+
+
+def test_report_end_to_end_with_a_checkpoint_curve(val, tmp_path):
+    from ctrlnet.base import load_base
+    from ctrlnet.formats import save_controlnet
+    from ctrlnet.models import ControlNet
+    from ctrlnet.testbed import NANO_SD
+    unet = load_base(NANO_SD).unet
+    for step in (100, 200):  # two "checkpoints": the second one's zero convs moved off zero
+        net = ControlNet.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64, 128))
+        if step == 200:
+            with torch.no_grad():
+                net.controlnet_mid_block.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        save_controlnet(net, tmp_path / "ckpts" / f"step-{step:06d}")
+    out = tmp_path / "report"
+    report = evaluate("nano", [EvalControl(str(tmp_path / "ckpts" / "step-*"), annotator="canny")], val, out,
+                      n=3, seeds=2, steps=2, progress=False)
+    assert [r["step"] for r in report["results"]] == [100, 200]
+    for r in report["results"] + [{"metrics": report["baseline"]}]:
+        m = r["metrics"]
+        assert {"control0_edge_f1", "mask_iou", "object_iou", "colour_accuracy", "shape_accuracy"} <= set(m)
+        assert all(0 <= v <= 1 for v in m.values())
+    # a zero-initialised ControlNet changes nothing: its scores are the baseline's
+    assert report["results"][0]["metrics"] == report["baseline"]
+    assert report["images_per_config"] == 6 and json.loads((out / "report.json").read_text())["n"] == 3
+    for f in ("report.md", "samples.png", "bars.png", "curves.png"):
+        assert (out / f).stat().st_size > 100
+    assert "without control" in (out / "report.md").read_text()
+
+
+def test_two_nets_each_for_one_object_and_errors(val, tmp_path):
+    exe = Path(sys.executable).parent / "ctrlnet"
+    r = subprocess.run([str(exe), "eval", "--control", "model=nano-canny,annotator=canny",
+                        "--control", "model=nano-segmentation,condition=segmentation", "--split-objects",
+                        "--data", str(val), "--n", "2", "--steps", "2", "--no-baseline", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "r" / "report.json").read_text())["results"][0]["metrics"]
+    assert {"object0_iou", "object1_iou", "control0_edge_f1"} <= set(metrics)
+    r = subprocess.run([str(exe), "eval", "--control", "model=nano-canny,condition=depth", "--data", str(val),
+                        "--n", "1", "--steps", "1", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no metadata column 'depth'" in r.stderr and "Traceback" not in r.stderr
