@@ -62,12 +62,13 @@ def nano_controlled(out: Path, n: int = 6) -> None:
     samples = [sample_layout(i, seed=7, size=128) for i in range(n)]  # seed 7: in no training set
     maps = [render(s, 128) for s in samples]
     prompts = [s.prompt for s in samples]
-    plain = [np.asarray(pipe(p, seed=i).images[0]) for i, p in enumerate(prompts)]
+    plain = [np.asarray(im) for im in pipe(prompts, seed=0).images]  # image i: seed i
     for name in names:
         kind = name.split("-", 1)[1]  # nano-canny -> canny
         start = time.perf_counter()
-        images = [np.asarray(pipe(p, controls=[Control(name, m[kind])], seed=i).images[0])
-                  for i, (p, m) in enumerate(zip(prompts, maps))]
+        # one call: one condition per prompt, image i with seed i (the same noise as `plain`)
+        images = [np.asarray(im) for im in pipe(prompts, controls=[Control(name, [m[kind] for m in maps])],
+                                                 seed=0).images]
         seconds = time.perf_counter() - start
         scores = [controllability(g, m["target"]) for g, m in zip(images, maps)]
         rows = [np.concatenate([m[kind], g, m["target"], p], axis=1) for g, m, p in zip(images, maps, plain)]

@@ -83,6 +83,15 @@ class Result:
     num_images: int = 1  # per prompt: image i belongs to prompt i // num_images
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU flags list AVX512-BF16 or AMX-BF16 (Linux); True when they cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def check_compatible(net: ControlNet, base: BaseModel, name: str) -> None:
     """A clear error when a ControlNet was made for another base architecture."""
     nc, uc = net.config, base.unet.config
@@ -133,6 +142,9 @@ class Pipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if torch_dtype == torch.float16 and device.type == "cpu":
             warnings.warn("fp16 on a CPU is very slow (no fp16 matmul units); use bf16 or fp32", stacklevel=2)
+        if torch_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
+                          "fp32; use --dtype fp32", stacklevel=2)
         pipe = cls(resolve_base(base).to(device, torch_dtype), dtype=torch_dtype,
                    name="nano" if str(base) == "nano" else "")
         for net in controlnets:
