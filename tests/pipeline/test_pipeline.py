@@ -174,10 +174,10 @@ def test_png_parameters_and_grid(bases, tmp_path):
 
 
 def test_bad_input_is_named(bases, tmp_path):
-    nano_like = load_base(bases["sdxl"])
+    sdxl = load_base(bases["sdxl"])
     other = trained_looking(load_base(bases["sd15"]))
     with pytest.raises(ValueError, match="does not fit the base.*cross-attention width 12 vs the base's 20"):
-        Pipeline(nano_like, {"sd15-net": other})
+        Pipeline(sdxl, {"sd15-net": other})
     pipe = Pipeline(load_base(bases["sd15"]), {"net": other})
     with pytest.raises(ValueError, match="missing.png: no such image file"):
         pipe("x", controls=[Control("net", str(tmp_path / "missing.png"))], steps=1)
