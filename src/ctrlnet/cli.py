@@ -155,6 +155,21 @@ def cmd_eval(args) -> None:
     print(f"report: {Path(args.out) / 'report.json'} ({report['seconds']} s)")
 
 
+def cmd_serve(args) -> None:
+    from .serve import ServeConfig, serve
+    nets = {}
+    for spec in args.controlnet:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem if Path(spec).suffix else Path(spec).name, spec
+        if not Path(path).exists():
+            raise ValueError(f"--controlnet {spec}: no such file or folder")
+        nets[name] = path
+    serve(ServeConfig(host=args.host, port=args.port, base=args.base, controlnets=nets, dtype=args.dtype,
+                      queue=args.queue, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                      max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctrlnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ShapesWorld: control k acts around object k only (e.g. canny one object, segmentation another)")
     p.add_argument("--out", required=True, help="report folder")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="a local web UI and JSON API (OpenAPI at /openapi.json) over generate/annotators")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--base", default="nano", help="base model: nano, a diffusers folder or a single file")
+    p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a ControlNet file/folder to offer (repeatable); with base nano the bundled nets are offered too")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--queue", type=int, default=4, help="requests that may wait for the model; more get 503")
+    p.add_argument("--max-upload-mb", type=float, default=16.0, help="request body limit")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="pixel limit per uploaded image")
+    p.add_argument("--max-side", type=int, default=1024, help="largest width/height (and detect resolution)")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="make data sets")
     data = p.add_subparsers(dest="dataset", required=True)

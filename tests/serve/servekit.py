@@ -1,0 +1,70 @@
+"""Helpers for the serve tests: a plain-HTTP client (urllib, real sockets) and PNG codecs."""
+
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """Plain HTTP (urllib) against the server: real sockets, no test client."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = 300):
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.headers, r.read()  # case-insensitive headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    def get(self, path: str):
+        status, headers, body = self.request("GET", path)
+        return status, json.loads(body) if headers.get("content-type", "").startswith("application/json") else body
+
+    def post(self, path: str, payload: dict, timeout: float = 300):
+        status, headers, body = self.request("POST", path, json.dumps(payload).encode(),
+                                             {"Content-Type": "application/json"}, timeout)
+        return status, json.loads(body), headers
+
+    def multipart(self, path: str, fields: dict[str, str], files: dict[str, bytes]):
+        boundary = "----ctrlnet-test-boundary"
+        parts = []
+        for k, v in fields.items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+        for k, data in files.items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.png"\r\n'
+                         f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        status, headers, out = self.request("POST", path, body,
+                                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return status, json.loads(out)
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64png(a: np.ndarray) -> str:
+    return base64.b64encode(png(a)).decode()
+
+
+def decode_data_url(url: str) -> Image.Image:
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))

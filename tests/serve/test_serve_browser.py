@@ -1,0 +1,66 @@
+"""The web page of `ctrlnet serve` in headless Chromium (Debian's, driven by Playwright): upload an
+image, preview canny, generate, see the result. `make test` installs chromium when it can (root +
+apt); elsewhere this test is skipped, unless CTRLNET_REQUIRE_BROWSER=1 (CI) makes that a failure."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from servekit import decode_data_url, png
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    if os.environ.get("CTRLNET_REQUIRE_BROWSER") == "1":
+        pytest.fail("chromium is not installed; `make test` installs it with apt-get (needs root)")
+    pytest.skip("chromium is not installed (make test installs it with apt-get when run as root)")
+
+
+def test_page_upload_preview_generate(server, shapes_sample, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = chromium_path()
+    sample, maps = shapes_sample
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png(maps["target"]))
+    shot = tmp_path / "serve-page.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            unit = page.locator(".unit").first
+            assert unit.locator(".unit-model").input_value() == "nano-canny"
+            assert unit.locator(".unit-annotator").input_value() == "canny"  # the net's own annotator
+            unit.locator(".unit-image").set_input_files(str(photo))
+            page.wait_for_selector(".unit-input:not([hidden])")
+            unit.locator(".unit-preview").click()
+            page.wait_for_selector(".unit-map:not([hidden])", timeout=30_000)
+            detected = unit.locator(".unit-map").get_attribute("src")
+            assert np.array_equal(np.asarray(decode_data_url(detected).convert("RGB")), maps["canny"])
+            page.fill("#prompt", sample.prompt)
+            page.fill("#steps", "4")
+            page.click("#generate")
+            page.wait_for_selector("#gallery .result-image", timeout=120_000)
+            result = decode_data_url(page.locator("#gallery .result-image").first.get_attribute("src"))
+            assert result.size == (128, 128) and "Steps: 4" in result.text["parameters"]
+            assert "done in" in page.locator("#status").inner_text()
+            assert not errors, errors
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    keep = ROOT / "outputs" / "tests"
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, keep / shot.name)  # for a person to look at; outputs/ is not tracked
+    assert shot.stat().st_size > 10_000
