@@ -7,7 +7,9 @@ warm-up step; prints JSON per mode and Markdown rows for BENCHMARKS.md:
 
 - ``diffusers-recipe``: the diffusers example (train_controlnet.py) reimplemented: diffusers'
   ``ControlNetModel.from_unet``, the VAE and the text encoder run every step, plain
-  ``torch.optim.AdamW`` (default implementation), fp32, UNet frozen with ``requires_grad_(False)``;
+  ``torch.optim.AdamW`` (default implementation), fp32, UNet frozen with ``requires_grad_(False)``,
+  gradients clipped at norm 1.0 (its ``--max_grad_norm`` default) and zeroed, not freed
+  (``--set_grads_to_none`` is off by default);
 - ``ctrlnet-fp32`` / ``ctrlnet-bf16``: ctrlnet's ``Trainer`` itself (latent/text cache, fused AdamW,
   locked base; bf16 = the base in bf16 under autocast, ControlNet weights fp32);
 - ``unet-finetune``: fine-tuning the whole base UNet instead (fused AdamW, cached latents, fp32):
@@ -127,8 +129,10 @@ def run_baseline(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
             pred = unet(noisy, t, encoder_hidden_states=hidden, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
+        if controlnet is not None:  # the example: clip at --max_grad_norm 1.0, zero_grad(set_to_none=False)
+            torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=controlnet is None)
         times.append(time.perf_counter() - t0)
     return {"step_s": sum(times[1:]) / steps, "first_step_s": times[0]}
 

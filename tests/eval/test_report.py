@@ -11,7 +11,7 @@ import torch
 
 from ctrlnet.eval.control import region_miou, ssim
 from ctrlnet.eval.report import EvalControl, evaluate
-from ctrlnet.eval.shapes import score_objects
+from ctrlnet.eval.shapes import colour_presence, score_objects
 from ctrlnet.testbed.shapes import generate, render, sample_layout
 
 
@@ -40,6 +40,36 @@ def test_objects_score_perfectly_on_their_own_targets_and_worse_when_moved():
         assert all(o["iou"] > 0.95 and o["colour_ok"] and o["shape_ok"] for o in scores), (s.prompt, scores)
         moved = score_objects(np.roll(maps["target"], 20, axis=1), record)
         assert np.mean([o["iou"] for o in moved]) < np.mean([o["iou"] for o in scores]) - 0.2
+
+
+def test_colour_presence_is_location_free_and_catches_missing_or_wrong_colours():
+    for i in range(20):
+        s = sample_layout(i, seed=5, size=128)
+        maps = render(s, 128)
+        record = json.loads(json.dumps({"background": s.background, "shapes": [vars(x) for x in s.shapes]}))
+        assert all(colour_presence(maps["target"], record)), s.prompt
+        # moved: every colour is still there (object IoU would drop; presence must not)
+        assert all(colour_presence(np.roll(maps["target"], 20, axis=1), record)), s.prompt
+        # the first object painted over with the background: its colour is gone (unless another has it)
+        blank = maps["target"].copy()
+        blank[render_mask(s, 0)] = s.background_rgb
+        shared = sum(x.colour == s.shapes[0].colour for x in s.shapes) > 1
+        if not shared:
+            assert colour_presence(blank, record)[0] is False, s.prompt
+        # the first object recoloured to a far palette colour: absent
+        from ctrlnet.testbed.shapes import PALETTE
+        other = max(PALETTE, key=lambda n: np.linalg.norm(np.subtract(PALETTE[n], s.shapes[0].rgb)))
+        if other != s.background and all(x.colour != other for x in s.shapes) and not shared:
+            recoloured = maps["target"].copy()
+            recoloured[render_mask(s, 0)] = PALETTE[other]
+            assert colour_presence(recoloured, record)[0] is False
+
+
+def render_mask(sample, j):
+    from ctrlnet.testbed.shapes import draw
+    mask = np.zeros((128, 128), np.uint8)
+    draw(mask, sample.shapes[j], 255)
+    return mask > 0
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@
     edges = get_annotator("canny", detect_resolution=512)(image)   # detect at 512 px, map back to the input size
 
 Weight-free, one module each: canny, scribble (xdog / thick), softedge, lineart, threshold,
-invert, shuffle, palette, colour_shuffle, tile, segmentation (colour clustering). The inpaint
+invert, shuffle, palette, colour_shuffle, tile, segmentation (colour clustering); with the
+``pose`` extra (mediapipe) also openpose / openpose_full (OpenPose drawing, keypoint JSON). The inpaint
 condition (masked pixels = -1) is made by the pipeline (``Control(annotator="inpaint")``), since
-it needs the mask and is not a uint8 map. Neural detectors (HED, MiDaS, OpenPose, ...) need
+it needs the mask and is not a uint8 map. Neural detectors (HED, MiDaS, ...) need
 downloaded weights and are not bundled: adding one is one module whose function loads a local
 weight file, plus a line in ``ANNOTATORS``.
 
@@ -29,6 +30,7 @@ from .canny import canny
 from .colour import colour_shuffle, palette
 from .invert import invert
 from .lineart import lineart
+from .pose import openpose, openpose_full
 from .scribble import scribble
 from .segmentation import segmentation
 from .shuffle import shuffle
@@ -39,8 +41,16 @@ from .tile import tile
 ANNOTATORS: dict[str, Callable[..., np.ndarray]] = {
     "canny": canny, "scribble": scribble, "softedge": softedge, "lineart": lineart, "threshold": threshold,
     "invert": invert, "shuffle": shuffle, "palette": palette, "colour_shuffle": colour_shuffle, "tile": tile,
-    "segmentation": segmentation,
+    "segmentation": segmentation, "openpose": openpose, "openpose_full": openpose_full,
 }
+# Annotators that need an optional package (extra): name -> the module they import.
+NEEDS: dict[str, str] = {"openpose": "mediapipe", "openpose_full": "mediapipe"}
+
+
+def available(name: str) -> bool:
+    """Whether annotator ``name`` can run here (its optional package, if any, is installed)."""
+    import importlib.util
+    return name in ANNOTATORS and (name not in NEEDS or importlib.util.find_spec(NEEDS[name]) is not None)
 
 
 def _scaled_size(h: int, w: int, short: int, multiple: int = 64) -> tuple[int, int]:

@@ -72,6 +72,14 @@ def _run_one(args) -> tuple[str, str | None]:
         tmp = target.with_name(target.name + ".tmp")
         Image.fromarray(np.ascontiguousarray(out)).save(tmp, format="PNG")
         os.replace(tmp, target)  # never a half-written map under the final name
+        if name in ("openpose", "openpose_full"):  # and the keypoints, in OpenPose's JSON layout
+            from .pose import pose_keypoints
+            full = name == "openpose_full"
+            keys = pose_keypoints(image, hands=params.get("hands", full), face=params.get("face", full),
+                                  min_confidence=params.get("min_confidence", 0.5))
+            tmp = target.with_name(target.stem + ".json.tmp")
+            tmp.write_text(json.dumps(keys))
+            os.replace(tmp, target.with_suffix(".json"))
         return str(target), None
     except (ImageError, ValueError, OSError) as e:
         return str(target), str(e)

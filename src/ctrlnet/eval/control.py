@@ -81,3 +81,32 @@ def region_miou(pred: np.ndarray, truth: np.ndarray) -> float:
     np.add.at(joint, (t_id, p_id), 1)
     union = joint.sum(1, keepdims=True) + joint.sum(0, keepdims=True) - joint
     return float((joint / np.maximum(union, 1)).max(axis=1).mean())
+
+
+def keypoints_from_openpose_map(a: np.ndarray) -> np.ndarray:
+    """(18, 3) COCO keypoints (x, y, found) read back from an OpenPose-style body map: each keypoint
+    is a circle in its own full colour (limbs are drawn at 60%, so they never match); the centroid
+    of the largest exact-colour component. Hand dots share keypoint 12's blue: body maps only."""
+    from ..annotators.pose import BODY_COLOURS
+    out = np.zeros((18, 3), np.float32)
+    for k, colour in enumerate(BODY_COLOURS):
+        mask = np.all(a == np.array(colour, np.uint8), axis=-1).astype(np.uint8)
+        n, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        if n > 1:
+            j = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            if stats[j, cv2.CC_STAT_AREA] >= 5:
+                out[k] = (*centroids[j], 1.0)
+    return out
+
+
+def pose_pck(generated_map: np.ndarray, condition_map: np.ndarray, alpha: float = 0.1) -> float:
+    """PCK: the fraction of the condition's body keypoints that the re-extracted pose has within
+    ``alpha`` x the image's longer side (missing = wrong). 1.0 when the condition has none."""
+    truth = keypoints_from_openpose_map(condition_map)
+    found = keypoints_from_openpose_map(generated_map)
+    seen = truth[:, 2] > 0
+    if not seen.any():
+        return 1.0
+    dist = np.linalg.norm(found[:, :2] - truth[:, :2], axis=1)
+    ok = (found[:, 2] > 0) & (dist <= alpha * max(condition_map.shape[:2]))
+    return float(ok[seen].mean())

@@ -33,8 +33,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .control import edge_f1, foreground_iou, region_miou, ssim
-from .shapes import score_objects, true_object_masks
+from .control import edge_f1, foreground_iou, pose_pck, region_miou, ssim
+from .shapes import colour_presence, score_objects, true_object_masks
 
 EDGE_ANNOTATORS = {"canny", "scribble", "threshold"}
 
@@ -58,6 +58,8 @@ def reextraction_metric(annotator: str):
         return "edge_f1", lambda a, b: edge_f1(a, b, tolerance=1)
     if annotator == "segmentation":
         return "region_miou", region_miou
+    if annotator in ("openpose", "openpose_full"):
+        return "pose_pck", pose_pck
     return "ssim", ssim
 
 
@@ -129,6 +131,9 @@ def score_image(image: np.ndarray, sample: dict, controls: list[EvalControl], co
         objects = score_objects(image, meta)
         scores["object_iou"] = float(np.mean([o["iou"] for o in objects]))
         scores["colour_accuracy"] = float(np.mean([o["colour_ok"] for o in objects]))
+        # by the number of objects in the prompt: attribute binding gets harder with more of them
+        scores[f"colour_accuracy_{len(objects)}obj"] = scores["colour_accuracy"]
+        scores["colour_presence"] = float(np.mean(colour_presence(image, meta)))
         scores["shape_accuracy"] = float(np.mean([o["shape_ok"] for o in objects]))
         if split_objects:
             for k in range(len(controls)):
@@ -182,8 +187,8 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
                 scores.append(score_image(a, samples[i], controls, conditions[i], split_objects))
             bar.update(len(chunk))
         bar.close()
-        keys = scores[0].keys() if scores else []
-        return images, {k: round(float(np.mean([sc[k] for sc in scores])), 4) for k in keys}
+        keys = list(dict.fromkeys(k for sc in scores for k in sc))  # some keys only on some samples
+        return images, {k: round(float(np.mean([sc[k] for sc in scores if k in sc])), 4) for k in sorted(keys)}
 
     start = time.perf_counter()
     results = []
@@ -207,10 +212,16 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
         "versions": {"ctrlnet": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
         "metric_notes": {"edge_f1": "binary edges, a pixel matches within 1 px (Chebyshev)",
+                         "pose_pck": "body keypoints read back from both OpenPose maps; correct within 0.1 x the "
+                                     "longer side",
                          "ssim": "grey, Gaussian window 1.5", "region_miou": "each true region's best-matching region",
                          "mask_iou": "foreground (far from the border colour) vs the target's",
                          "object_iou": "per ShapesWorld object, from metadata geometry",
-                         "colour_accuracy": "object colour vs the prompt's", "shape_accuracy": "cleaned-mask geometry"},
+                         "colour_accuracy": "object colour (median inside the true mask) vs the prompt's; "
+                                            "colour_accuracy_Nobj: samples with N objects only",
+                         "colour_presence": "location-free: a region of each prompted colour anywhere (>= 1/3 of "
+                                            "the object's area); comparable with and without control",
+                         "shape_accuracy": "cleaned-mask geometry"},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -110,3 +110,28 @@ def score_objects(image: np.ndarray, record: dict) -> list[dict]:
         out.append({"iou": mask_iou(mask, true), "colour_ok": found == s["colour"],
                     "shape_ok": shape_class(mask) == s["shape"]})
     return out
+
+
+def colour_presence(image: np.ndarray, record: dict) -> list[bool]:
+    """Per object of a metadata record: does the image hold a region of its colour anywhere?
+
+    Location-free, so it scores generations with and without control alike (did the base still
+    draw the colours the prompt asked for?). Every pixel takes the nearest named colour of the
+    whole palette; object j's colour counts as present when a connected region of that colour
+    (median-filtered) covers at least a third of the object's true area. Objects sharing a
+    colour need that many such regions (largest region to the largest object, and so on).
+    """
+    size = image.shape[0]
+    truth = true_object_masks(record, size)
+    d = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - RGB[None, None], axis=-1)
+    nearest = np.argmin(d, axis=-1)  # (H, W) index into NAMES
+    present = [False] * len(record["shapes"])
+    for colour in {s["colour"] for s in record["shapes"]}:
+        raw = cv2.medianBlur((nearest == NAMES.index(colour)).astype(np.uint8) * 255, 5) > 0
+        n, _, stats, _ = cv2.connectedComponentsWithStats(raw.astype(np.uint8), connectivity=8)
+        regions = sorted(stats[1:, cv2.CC_STAT_AREA].tolist(), reverse=True)
+        objects = sorted((j for j, s in enumerate(record["shapes"]) if s["colour"] == colour),
+                         key=lambda j: -int(truth[j].sum()))
+        for rank, j in enumerate(objects):
+            present[j] = rank < len(regions) and regions[rank] >= truth[j].sum() / 3
+    return present

@@ -173,13 +173,14 @@ class Server:
 
     @staticmethod
     def annotators() -> list[dict]:
-        from ..annotators import ANNOTATORS
+        from ..annotators import ANNOTATORS, NEEDS, available
         out = []
         for name, fn in ANNOTATORS.items():
             params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
                       if p.name != "image" and p.default is not inspect.Parameter.empty}
             doc = (inspect.getdoc(fn) or "").split("\n")[0]
-            out.append({"name": name, "doc": doc, "params": params})
+            out.append({"name": name, "doc": doc, "params": params, "available": available(name),
+                        "needs": NEEDS.get(name, "")})
         return out
 
     # ------------------------------------------------------------------ checks

@@ -1,0 +1,122 @@
+"""OpenPose drawing and keypoint JSON on keypoints whose right rendering is known; BlazePose ->
+COCO-18 mapping; mediapipe detection when the pose extra is installed."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from ctrlnet.annotators import available, get_annotator
+from ctrlnet.annotators.pose import (BODY_COLOURS, BODY_LIMBS, HAND_EDGES, draw_openpose, from_blazepose,
+                                     openpose_json)
+
+# A standing figure on a 256 x 256 canvas, COCO-18 order, (x, y, confidence).
+BODY = np.array([
+    [128, 40, 1], [128, 70, 1], [98, 70, 1], [88, 110, 1], [84, 150, 1], [158, 70, 1], [168, 110, 1],
+    [172, 150, 1], [108, 140, 1], [106, 190, 1], [104, 235, 1], [148, 140, 1], [150, 190, 1], [152, 235, 1],
+    [120, 32, 1], [136, 32, 1], [110, 38, 1], [146, 38, 1]], np.float32)
+
+
+def test_body_keypoints_and_limbs_in_openpose_colours():
+    canvas = draw_openpose(256, 256, [{"body": BODY}])
+    for (x, y, _), colour in zip(BODY, BODY_COLOURS):
+        assert tuple(canvas[int(y), int(x)]) == colour  # keypoints: full colour, drawn last
+    # limb r-hip -> r-knee (9 -> 10, the 8th limb): 60% of its colour at the midpoint
+    (a, b), colour = BODY_LIMBS[7], BODY_COLOURS[7]
+    mx, my = (BODY[a - 1, :2] + BODY[b - 1, :2]) / 2
+    assert tuple(canvas[int(my), int(mx)]) == tuple(int(c * 0.6) for c in colour)
+    # a missing keypoint (left ankle) removes its circle and its limb
+    body = BODY.copy()
+    body[13, 2] = 0
+    missing = draw_openpose(256, 256, [{"body": body}])
+    assert missing[235, 152].sum() == 0 and missing[212, 151].sum() == 0
+    assert np.array_equal(missing[:180], canvas[:180])  # the rest is unchanged
+
+
+def test_hands_face_and_json_round_trip():
+    hand = np.zeros((21, 3), np.float32)
+    hand[0] = (60, 200, 1)
+    for f in range(5):  # five straight fingers fanning upwards
+        for k in range(4):
+            hand[1 + 4 * f + k] = (30 + 15 * f, 180 - 14 * k, 1)
+    face = np.array([[100 + 2 * i, 60, 1] for i in range(70)], np.float32)
+    people = [{"body": BODY, "left_hand": hand, "face": face}]
+    canvas = draw_openpose(256, 256, people)
+    assert tuple(canvas[200, 60]) == (0, 0, 255)  # hand keypoints: blue dots
+    # second edge of the first finger (1 -> 2): its colour on the HSV wheel at 1/20
+    import colorsys
+    want = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(1 / len(HAND_EDGES), 1, 1))
+    p, q = hand[1], hand[2]
+    mid = ((p + q) / 2).astype(int)
+    assert tuple(canvas[mid[1], mid[0]]) == want
+    assert tuple(canvas[60, 240]) == (255, 255, 255)  # a face dot, away from the body
+    doc = json.loads(json.dumps(openpose_json(people, 256, 256)))
+    person = doc["people"][0]
+    assert len(person["pose_keypoints_2d"]) == 54 and len(person["face_keypoints_2d"]) == 210
+    assert person["hand_right_keypoints_2d"] == [0.0] * 63  # not found: zeros, as OpenPose writes
+    back = [{"body": person["pose_keypoints_2d"], "left_hand": person["hand_left_keypoints_2d"],
+             "face": person["face_keypoints_2d"]}]
+    assert np.array_equal(draw_openpose(256, 256, back), canvas)
+
+
+def test_blazepose_to_coco18():
+    lm = np.zeros((33, 4), np.float32)
+    rng = np.random.default_rng(0)
+    lm[:, :2] = rng.uniform(0.1, 0.9, (33, 2))
+    lm[:, 3] = 0.9
+    lm[27, 3] = 0.2  # left ankle barely visible
+    kp = from_blazepose(lm, 200, 100)
+    assert np.allclose(kp[2, :2], (lm[12, 0] * 100, lm[12, 1] * 200))  # right shoulder <- landmark 12
+    assert np.allclose(kp[1, :2], ((lm[11, 0] + lm[12, 0]) * 50, (lm[11, 1] + lm[12, 1]) * 100))  # neck
+    assert kp[13, 2] == 0 and (kp[[0, 1, 2, 12], 2] > 0).all()
+
+
+def test_pose_annotators_need_their_extra_or_detect_nothing_on_a_blank_image():
+    blank = np.zeros((128, 128, 3), np.uint8)
+    if not available("openpose"):
+        with pytest.raises(ValueError, match=r"ctrlnet\[pose\]"):
+            get_annotator("openpose")(blank)
+        return
+    out = get_annotator("openpose_full")(blank)
+    assert out.shape == blank.shape and out.sum() == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mediapipe") is None, reason="pose extra (mediapipe) not installed")
+def test_mediapipe_detects_a_drawn_figure():
+    """A filled, shaded human silhouette (head, torso, limbs as thick strokes): feasible for
+    BlazePose at least for the head and shoulders."""
+    import cv2
+    img = np.full((512, 512, 3), 235, np.uint8)
+    skin, shirt, trousers = (224, 172, 140), (40, 90, 200), (50, 50, 60)
+    s = 2.0
+    pts = (BODY[:, :2] * s).astype(int)
+    for a, b in [(2, 3), (3, 4), (5, 6), (6, 7)]:
+        cv2.line(img, tuple(pts[a]), tuple(pts[b]), shirt, 26)
+    cv2.fillConvexPoly(img, np.array([pts[2], pts[5], pts[11], pts[8]]), shirt)
+    for a, b in [(8, 9), (9, 10), (11, 12), (12, 13)]:
+        cv2.line(img, tuple(pts[a]), tuple(pts[b]), trousers, 30)
+    cv2.circle(img, tuple(pts[0]), 30, skin, -1)
+    from ctrlnet.annotators.pose import detect_people
+    people = detect_people(img)
+    if not people:
+        pytest.skip("mediapipe found no person in the drawn figure")
+    body = people[0]["body"]
+    assert body[0, 2] > 0 and np.linalg.norm(body[0, :2] - pts[0]) < 40  # the nose is on the head
+
+
+def test_keypoints_read_back_and_pck_by_hand():
+    from ctrlnet.eval.control import keypoints_from_openpose_map, pose_pck
+    canvas = draw_openpose(256, 256, [{"body": BODY}])
+    back = keypoints_from_openpose_map(canvas)
+    assert (back[:, 2] > 0).all() and np.abs(back[:, :2] - BODY[:, :2]).max() <= 1.0
+    assert pose_pck(canvas, canvas) == 1.0
+    assert pose_pck(np.zeros_like(canvas), canvas) == 0.0  # nothing found: all wrong
+    # the legs (keypoints 8-13, 6 of 18) moved 40 px right: beyond 0.1 x 256 = 25.6 px
+    moved = BODY.copy()
+    moved[8:14, 0] += 40
+    assert pose_pck(draw_openpose(256, 256, [{"body": moved}]), canvas) == pytest.approx(12 / 18)
+    # everything 20 px right: within the tolerance
+    shifted = BODY.copy()
+    shifted[:, 0] += 20
+    assert pose_pck(draw_openpose(256, 256, [{"body": shifted}]), canvas) == 1.0
