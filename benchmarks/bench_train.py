@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/bench_train.py [--steps 3] [--resolution 256]
 
 Each mode runs in its own process (clean peak RSS), batch 1, `--steps` timed steps after one
-warm-up step; prints JSON per mode and Markdown rows for BENCHMARKS.md:
+warm-up step, `--repeat` rounds over the modes interleaved (this shared 2-vCPU machine drifts by
++-20%); s/step is the median of every timed step of a mode. Prints JSON per run and Markdown rows
+for BENCHMARKS.md:
 
 - ``diffusers-recipe``: the diffusers example (train_controlnet.py) reimplemented: diffusers'
   ``ControlNetModel.from_unet``, the VAE and the text encoder run every step, plain
@@ -76,7 +78,7 @@ def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
     tr.train()
     log = [json.loads(l) for l in (tmp / "run" / "log.jsonl").read_text().splitlines() if "loss" in l]
     per_step = [r["step_s"] for r in log]  # wall time of each optimizer step (batch, forward, backward, AdamW)
-    return {"step_s": sum(per_step[1:]) / len(per_step[1:]), "first_step_s": per_step[0]}
+    return {"times": per_step[1:], "first_step_s": per_step[0]}
 
 
 def run_baseline(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
@@ -134,7 +136,7 @@ def run_baseline(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=controlnet is None)
         times.append(time.perf_counter() - t0)
-    return {"step_s": sum(times[1:]) / steps, "first_step_s": times[0]}
+    return {"times": times[1:], "first_step_s": times[0]}
 
 
 def child(mode: str, steps: int, resolution: int) -> None:
@@ -142,9 +144,10 @@ def child(mode: str, steps: int, resolution: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         fn = run_ctrlnet if mode.startswith("ctrlnet") else run_baseline
         result = fn(mode, steps, resolution, Path(d))
+    times = sorted(result.pop("times"))
     result.update(mode=mode, peak_rss_gib=round(peak_rss_gib(), 2), resolution=resolution, batch=1, steps=steps,
-                  step_s=round(result["step_s"], 2), first_step_s=round(result["first_step_s"], 2),
-                  threads=torch.get_num_threads())
+                  step_s=round(times[len(times) // 2], 2), step_times=[round(t, 2) for t in times],
+                  first_step_s=round(result["first_step_s"], 2), threads=torch.get_num_threads())
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -153,12 +156,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--modes", default="diffusers-recipe,ctrlnet-fp32,ctrlnet-bf16,unet-finetune")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the modes, interleaved (machine noise)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.steps, args.resolution)
     results = []
-    for mode in args.modes.split(","):
+    for mode in args.modes.split(",") * args.repeat:
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps),
                               "--resolution", str(args.resolution)], capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -167,12 +171,19 @@ def main() -> None:
             raise SystemExit(f"mode {mode} failed")
         results.append(json.loads(line[0][7:]))
         print(json.dumps(results[-1]), flush=True)
-    ref = next((r for r in results if r["mode"] == "diffusers-recipe"), None)
-    print("\n| mode | s/step | speed-up vs diffusers recipe | peak RSS GiB |")
+    # per mode: the median of all its timed steps over the rounds
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    med = {}
+    for m in modes:
+        times = sorted(t for r in results if r["mode"] == m for t in r["step_times"])
+        med[m] = times[len(times) // 2]
+    ref = med.get("diffusers-recipe")
+    print("\n| mode | s/step (median) | speed-up vs diffusers recipe | peak RSS GiB |")
     print("|---|---|---|---|")
-    for r in results:
-        speed = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
-        print(f"| {r['mode']} | {r['step_s']:.2f} | {speed} | {r['peak_rss_gib']:.2f} |")
+    for m in modes:
+        speed = f"{ref / med[m]:.2f}x" if ref else "-"
+        rss = max(r["peak_rss_gib"] for r in results if r["mode"] == m)
+        print(f"| {m} | {med[m]:.2f} | {speed} | {rss:.2f} |")
 
 
 if __name__ == "__main__":

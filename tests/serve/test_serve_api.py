@@ -116,6 +116,8 @@ def test_bad_bodies(server):
     assert status == 400 and b"not valid JSON" in body
     status, headers, body = server.request("POST", "/api/generate", b"x", {"Content-Type": "text/plain"})
     assert status == 415
+    status, r = server.multipart("/api/generate", {"request": "[1, 2]"}, {})
+    assert status == 400 and "must be a JSON object" in r["error"]
 
 
 def test_oversize_upload_and_pixels(server):

@@ -344,9 +344,9 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None):
         if ctype.startswith("multipart/form-data"):
             try:
                 form = await request.form(max_files=16, max_fields=64)
-            except ApiError:
+            except ApiError:  # over the body limit, raised while reading
                 raise
-            except Exception as e:
+            except Exception as e:  # malformed multipart
                 raise ApiError(400, f"cannot parse multipart body: {e}") from None
             data = {}
             for key, value in form.multi_items():
@@ -354,9 +354,12 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None):
                     uploads[key] = await value.read()
                 elif key == "request":
                     try:
-                        data.update(json.loads(value))
+                        fields = json.loads(value)
                     except json.JSONDecodeError as e:
                         raise ApiError(400, f"form field 'request': not JSON ({e})") from None
+                    if not isinstance(fields, dict):
+                        raise ApiError(400, "form field 'request': must be a JSON object")
+                    data.update(fields)
                 elif key == "params":
                     try:
                         data["params"] = json.loads(value)
