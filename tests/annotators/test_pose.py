@@ -11,11 +11,10 @@ from ctrlnet.annotators import available, get_annotator
 from ctrlnet.annotators.pose import (BODY_COLOURS, BODY_LIMBS, HAND_EDGES, draw_openpose, from_blazepose,
                                      openpose_json)
 
+from ctrlnet.testbed.figure import KEYPOINTS_256
+
 # A standing figure on a 256 x 256 canvas, COCO-18 order, (x, y, confidence).
-BODY = np.array([
-    [128, 40, 1], [128, 70, 1], [98, 70, 1], [88, 110, 1], [84, 150, 1], [158, 70, 1], [168, 110, 1],
-    [172, 150, 1], [108, 140, 1], [106, 190, 1], [104, 235, 1], [148, 140, 1], [150, 190, 1], [152, 235, 1],
-    [120, 32, 1], [136, 32, 1], [110, 38, 1], [146, 38, 1]], np.float32)
+BODY = np.column_stack([KEYPOINTS_256, np.ones(18, np.float32)])
 
 
 def test_body_keypoints_and_limbs_in_openpose_colours():
@@ -84,25 +83,19 @@ def test_pose_annotators_need_their_extra_or_detect_nothing_on_a_blank_image():
 
 @pytest.mark.skipif(importlib.util.find_spec("mediapipe") is None, reason="pose extra (mediapipe) not installed")
 def test_mediapipe_detects_a_drawn_figure():
-    """A filled, shaded human silhouette (head, torso, limbs as thick strokes): feasible for
-    BlazePose at least for the head and shoulders."""
-    import cv2
-    img = np.full((512, 512, 3), 235, np.uint8)
-    skin, shirt, trousers = (224, 172, 140), (40, 90, 200), (50, 50, 60)
-    s = 2.0
-    pts = (BODY[:, :2] * s).astype(int)
-    for a, b in [(2, 3), (3, 4), (5, 6), (6, 7)]:
-        cv2.line(img, tuple(pts[a]), tuple(pts[b]), shirt, 26)
-    cv2.fillConvexPoly(img, np.array([pts[2], pts[5], pts[11], pts[8]]), shirt)
-    for a, b in [(8, 9), (9, 10), (11, 12), (12, 13)]:
-        cv2.line(img, tuple(pts[a]), tuple(pts[b]), trousers, 30)
-    cv2.circle(img, tuple(pts[0]), 30, skin, -1)
+    """A flat cartoon person (testbed.figure): feasible for BlazePose at least for head and shoulders."""
     from ctrlnet.annotators.pose import detect_people
+    from ctrlnet.testbed.figure import cartoon_person
+    img, pts = cartoon_person(512)
     people = detect_people(img)
-    if not people:
-        pytest.skip("mediapipe found no person in the drawn figure")
+    assert people, "mediapipe found no person in the drawn figure"
     body = people[0]["body"]
-    assert body[0, 2] > 0 and np.linalg.norm(body[0, :2] - pts[0]) < 40  # the nose is on the head
+    for k in (0, 2, 5):  # nose, shoulders
+        assert body[k, 2] > 0 and np.linalg.norm(body[k, :2] - pts[k]) < 40, (k, body[k], pts[k])
+    # the map draws what was found: the nose circle in its colour
+    out = get_annotator("openpose")(img)
+    x, y = body[0, :2].astype(int)
+    assert tuple(out[y, x]) == BODY_COLOURS[0]
 
 
 def test_keypoints_read_back_and_pck_by_hand():
