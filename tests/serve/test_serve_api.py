@@ -154,3 +154,9 @@ def test_burst_gets_200_or_503_and_the_server_stays_healthy(server, shapes_sampl
     assert status == 200 and health["queue"]["running"] is False and health["queue"]["queued"] == 0
     status, r, _ = server.post("/api/generate", {**payload, "steps": 2})
     assert status == 200
+
+
+def test_cli_names_a_missing_controlnet(capsys):
+    from ctrlnet.cli import main
+    assert main(["serve", "--controlnet", "mine=/no/such/net.safetensors"]) == 2
+    assert "--controlnet mine=/no/such/net.safetensors: no such file or folder" in capsys.readouterr().err
