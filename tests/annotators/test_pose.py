@@ -113,3 +113,19 @@ def test_keypoints_read_back_and_pck_by_hand():
     shifted = BODY.copy()
     shifted[:, 0] += 20
     assert pose_pck(draw_openpose(256, 256, [{"body": shifted}]), canvas) == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mediapipe") is None, reason="pose extra (mediapipe) not installed")
+def test_annotate_writes_pose_maps_and_keypoint_json(tmp_path):
+    from PIL import Image
+    from ctrlnet.annotators.batch import annotate
+    from ctrlnet.testbed.figure import cartoon_person
+    img, _ = cartoon_person(512)  # at 256 px mediapipe does not find it
+    (tmp_path / "in").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "person.png")
+    report = annotate("openpose_full", [tmp_path / "in"], tmp_path / "out", workers=1, progress=False)
+    assert not report.failed
+    doc = json.loads((tmp_path / "out" / "person.json").read_text())
+    assert len(doc["people"]) == 1 and len(doc["people"][0]["pose_keypoints_2d"]) == 54
+    out = np.asarray(Image.open(tmp_path / "out" / "person.png").convert("RGB"))
+    assert np.array_equal(out, get_annotator("openpose_full")(img))  # the map drawn from the same detection

@@ -66,17 +66,24 @@ def _run_one(args) -> tuple[str, str | None]:
     from . import get_annotator
     try:
         image = load_image(source)
-        out = get_annotator(name, **params)(image)
+        annotator = get_annotator(name, **params)  # unknown names / parameters fail here
+        keys = None
+        if name in ("openpose", "openpose_full") and not {"detect_resolution", "image_resolution"} & set(params):
+            # one detection for both the map and the keypoints, in OpenPose's JSON layout
+            from .pose import detect_people, draw_openpose, openpose_json
+            full = name == "openpose_full"
+            people = detect_people(image, hands=params.get("hands", full), face=params.get("face", full),
+                                   min_confidence=params.get("min_confidence", 0.5))
+            out = draw_openpose(image.shape[0], image.shape[1], people)
+            keys = openpose_json(people, image.shape[0], image.shape[1])
+        else:
+            out = annotator(image)
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         Image.fromarray(np.ascontiguousarray(out)).save(tmp, format="PNG")
         os.replace(tmp, target)  # never a half-written map under the final name
-        if name in ("openpose", "openpose_full"):  # and the keypoints, in OpenPose's JSON layout
-            from .pose import pose_keypoints
-            full = name == "openpose_full"
-            keys = pose_keypoints(image, hands=params.get("hands", full), face=params.get("face", full),
-                                  min_confidence=params.get("min_confidence", 0.5))
+        if keys is not None:
             tmp = target.with_name(target.stem + ".json.tmp")
             tmp.write_text(json.dumps(keys))
             os.replace(tmp, target.with_suffix(".json"))
