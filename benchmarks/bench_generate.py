@@ -1,20 +1,24 @@
-"""Controlled generation speed, SD1.5-sized (random weights from the shipped configs), CPU:
+"""Controlled generation speed, SD1.5-sized (random weights from the shipped configs), CPU or GPU:
 ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run, same weights.
 
-    .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4]
+    .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
+        [--dtypes fp32,bf16,fp16]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 
 - ``diffusers fp32``: diffusers' pipeline with its default dtype (fp32);
-- ``ctrlnet fp32`` / ``ctrlnet bf16``: ours (bf16 = weights and compute in bfloat16);
+- ``ctrlnet fp32`` / ``ctrlnet bf16`` / ``ctrlnet fp16``: ours (weights and compute in that dtype);
 - ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 
 s/step: after a 1-step warm-up call, the time from the start of a ``--steps`` call to its last
 step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net). GFLOPS = FLOPs of one step (UNet + active ControlNet, counted with
 torch.utils.flop_counter) / s/step, also as a fraction of this machine's measured matmul peak in
-that dtype (the best square matmul of 1024, 2048 and 3072). bf16 modes run only where bf16 matmul is native (faster than a
-quarter of fp32); on CPUs without AVX512-BF16/AMX they are skipped and the peaks say why.
+that dtype (the best square matmul of 1024, 2048 and 3072 on a CPU; 4096 and 8192 on a GPU). Default
+dtypes: on a CPU fp32, plus bf16 only where bf16 matmul is native (faster than a quarter of fp32; on
+CPUs without AVX512-BF16/AMX it is skipped and the peaks say why); on a GPU fp32, bf16 and fp16. On a
+GPU every timestamp follows a ``torch.cuda.synchronize()``, and PyTorch's TF32 defaults are kept
+(matmuls in full fp32, cuDNN convolutions in TF32) for both pipelines.
 """
 
 from __future__ import annotations
@@ -34,29 +38,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import random_sd15_base  # noqa: E402  (the same SD1.5-sized random base)
 
 
-def matmul_peak_gflops(dtype: torch.dtype, sizes=(1024, 2048, 3072), reps: int = 3) -> float:
-    """This CPU's matmul peak in ``dtype``: the best single square matmul over a few sizes (larger
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu"), sizes=None,
+                       reps: int = 3) -> float:
+    """This machine's matmul peak in ``dtype``: the best single square matmul over a few sizes (larger
     ones amortise packing better). A first slow size (emulated bf16) stops the probe early."""
+    sizes = sizes or ((4096, 8192) if device.type == "cuda" else (1024, 2048, 3072))
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         a @ b
         for _ in range(reps):
+            sync(device)
             start = time.perf_counter()
             a @ b
+            sync(device)
             best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
         if best < 10:  # emulated: larger sizes would take minutes and say nothing new
             break
     return best
 
 
-def step_flops(base, net, resolution: int) -> tuple[float, float]:
+def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float, float]:
     """(UNet GFLOP, ControlNet GFLOP) of one CFG step (batch 2)."""
     from torch.utils.flop_counter import FlopCounterMode
     h = resolution // 8
-    x = torch.randn(2, 4, h, h)
-    text = torch.randn(2, 77, 768)
-    cond = torch.rand(2, 3, resolution, resolution)
+    x = torch.randn(2, 4, h, h, device=device)
+    text = torch.randn(2, 77, 768, device=device)
+    cond = torch.rand(2, 3, resolution, resolution, device=device)
     with torch.no_grad():
         with FlopCounterMode(display=False) as fc:
             base.unet(x, 500, text)
@@ -67,13 +80,18 @@ def step_flops(base, net, resolution: int) -> tuple[float, float]:
     return unet, control
 
 
-def timed(run, steps: int) -> float:
+def timed(run, steps: int, device: torch.device) -> float:
     """Seconds per denoising step: a 1-step warm-up call, then ``steps`` steps from the call's start to
     the last step's callback (prompt encoding and hint features, done once, are included; decoding is not)."""
     run(1, lambda: None)
     stamps = []
+
+    def stamp():
+        sync(device)
+        stamps.append(time.perf_counter())
+    sync(device)
     start = time.perf_counter()
-    run(steps, lambda: stamps.append(time.perf_counter()))
+    run(steps, stamp)
     assert len(stamps) == steps
     return (stamps[-1] - start) / steps
 
@@ -82,32 +100,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolutions", default="256,512")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtypes", default="", help="ours in these dtypes (default: see above)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also ours with Pipeline(channels_last=True): rows 'ctrlnet DTYPE channels_last'")
     args = parser.parse_args()
+    device = torch.device(args.device)
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
     from PIL import Image
     from ctrlnet.formats import save_controlnet
     from ctrlnet.models import ControlNet
     from ctrlnet.pipeline import Control, Pipeline
     torch.set_grad_enabled(False)
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
-    print(json.dumps({"matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
-                      "threads": torch.get_num_threads()}), flush=True)
-    # bf16 only where the CPU computes it natively (AVX512-BF16 / AMX); emulated bf16 runs ~100x slower
-    dtypes = ["fp32", "bf16"] if peaks["bf16"] > peaks["fp32"] / 4 else ["fp32"]
-    if dtypes == ["fp32"]:
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if args.dtypes:
+        dtypes = args.dtypes.split(",")
+    else:
+        dtypes = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
+    peaks = {d: matmul_peak_gflops(torch_dtypes[d], device) for d in dict.fromkeys(["fp32", *dtypes])}
+    print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+                      "threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
+    if device.type == "cpu" and not args.dtypes and "bf16" in peaks and peaks["bf16"] < peaks["fp32"] / 4:
+        # bf16 only where the CPU computes it natively (AVX512-BF16 / AMX); emulated bf16 runs ~100x slower
+        dtypes = ["fp32"]
         print(f"bf16 skipped: {peaks['bf16']:.1f} GFLOPS bf16 matmul on this CPU (no native bf16)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = random_sd15_base(Path(tmp))
-        net = ControlNet.from_unet(base.unet).eval()
+        net = ControlNet.from_unet(base.unet).eval()  # built on the CPU (from the CPU UNet), moved below
         with torch.no_grad():  # move the zero convs off zero, as after training
             for m in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
                 for p in m.parameters():
                     p.normal_(0, 0.01)
         save_controlnet(net, Path(tmp) / "net")
-        theirs = ControlNetModel.from_pretrained(Path(tmp) / "net", local_files_only=True).eval()
+        theirs = ControlNetModel.from_pretrained(Path(tmp) / "net", local_files_only=True).eval().to(device)
+        base.to(device)
+        net.to(device)
         for res in [int(r) for r in args.resolutions.split(",")]:
-            unet_gf, control_gf = step_flops(base, net, res)
+            unet_gf, control_gf = step_flops(base, net, res, device)
             cond = Image.fromarray((np.random.default_rng(0).random((res, res, 3)) > 0.8).astype(np.uint8) * 255)
             prompt = "a photo of a red circle on a blue background"
             results = {}
@@ -118,28 +149,30 @@ def main() -> None:
             ref.set_progress_bar_config(disable=True)
             results["diffusers fp32"] = timed(lambda n, cb: ref(
                 prompt, image=cond, num_inference_steps=n, guidance_scale=7.5, height=res, width=res,
-                output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1]), args.steps)
+                output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1]), args.steps, device)
             del ref
-            for dtype in dtypes:
-                torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-                b, n = (base, net) if dtype == "fp32" else (copy.deepcopy(base).to(dtype=torch_dtype),
-                                                             copy.deepcopy(net))
-                pipe = Pipeline(b, {"net": n}, dtype=torch_dtype)
+            variants = [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if args.channels_last else [])
+            for dtype, nhwc in variants:
+                torch_dtype = torch_dtypes[dtype]
+                b, n = (base, net) if dtype == "fp32" and not nhwc else (copy.deepcopy(base).to(dtype=torch_dtype),
+                                                                          copy.deepcopy(net))
+                pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc)
+                dtype = f"{dtype} channels_last" if nhwc else dtype
                 common = dict(guidance=7.5, guidance_rescale=0.0, width=res, height=res, output_type="latent")
                 image = np.asarray(cond)
                 results[f"ctrlnet {dtype}"] = timed(lambda k, cb: pipe(
-                    prompt, controls=[Control("net", image)], steps=k, callback=lambda i: cb(), **common), args.steps)
+                    prompt, controls=[Control("net", image)], steps=k, callback=lambda i: cb(), **common), args.steps, device)
                 results[f"ctrlnet {dtype} base only"] = timed(lambda k, cb: pipe(
-                    prompt, steps=k, callback=lambda i: cb(), **common), args.steps)
+                    prompt, steps=k, callback=lambda i: cb(), **common), args.steps, device)
                 results[f"ctrlnet {dtype} end=0.5"] = timed(lambda k, cb: pipe(
                     prompt, controls=[Control("net", image, end=0.5)], steps=k, callback=lambda i: cb(), **common),
-                    args.steps)
+                    args.steps, device)
                 del pipe, b, n
             ref_s = results["diffusers fp32"]
             for mode, s in results.items():
-                dtype = "bf16" if "bf16" in mode else "fp32"
+                dtype = next((d for d in ("bf16", "fp16") if d in mode), "fp32")
                 flops = unet_gf + (0 if "base only" in mode else control_gf * (0.5 if "end=0.5" in mode else 1))
-                row = {"resolution": res, "mode": mode, "s_per_step": round(s, 3),
+                row = {"resolution": res, "mode": mode, "s_per_step": round(s, 4),
                        "speedup_vs_diffusers_fp32": round(ref_s / s, 2), "gflop_per_step": round(flops, 1),
                        "gflops": round(flops / s, 1), "peak_fraction": round(flops / s / peaks[dtype], 2)}
                 rows.append(row)
@@ -147,7 +180,7 @@ def main() -> None:
     print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.2f} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
+        print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.3g} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
               f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} |")
 
 

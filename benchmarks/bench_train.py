@@ -1,6 +1,6 @@
-"""ControlNet training step, SD1.5-sized (random weights built from the shipped configs), CPU.
+"""ControlNet training step, SD1.5-sized (random weights built from the shipped configs), CPU or GPU.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 3] [--resolution 256]
+    .venv/bin/python benchmarks/bench_train.py [--steps 3] [--resolution 256] [--device cpu|cuda]
 
 Each mode runs in its own process (clean peak RSS), batch 1, `--steps` timed steps after one
 warm-up step, `--repeat` rounds over the modes interleaved (this shared 2-vCPU machine drifts by
@@ -16,6 +16,10 @@ for BENCHMARKS.md:
   locked base; bf16 = the base in bf16 under autocast, ControlNet weights fp32);
 - ``unet-finetune``: fine-tuning the whole base UNet instead (fused AdamW, cached latents, fp32):
   the seed's memory comparison.
+
+On a GPU (``--device cuda``) the baseline synchronises before each timestamp (ours reads the loss
+every step, which does the same) and the memory column is the peak of allocated GPU memory
+(``torch.cuda.max_memory_allocated``) instead of the process's RSS.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def make_data(tmp: Path, resolution: int) -> Path:
     return generate(tmp / "data", 8, seed=0, size=resolution, workers=1, progress=False)
 
 
-def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
+def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path, device: torch.device) -> dict:
     from ctrlnet.training import load_config
     from ctrlnet.training.trainer import Trainer
     base = random_sd15_base(tmp)
@@ -73,7 +77,8 @@ def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
     cfg = load_config(None, dict(base="sd15-random", data=str(data / "prompt_canny.json"), output_dir=str(tmp / "run"),
                                  resolution=resolution, train_batch_size=1, max_train_steps=steps + 1,
                                  checkpointing_steps=10**6, log_every=1, tensorboard=False,
-                                 mixed_precision="bf16" if mode == "ctrlnet-bf16" else "no"))
+                                 mixed_precision="bf16" if mode == "ctrlnet-bf16" else "no",
+                                 cpu=device.type == "cpu"))
     tr = Trainer(cfg, progress=False, base=base)
     tr.train()
     log = [json.loads(l) for l in (tmp / "run" / "log.jsonl").read_text().splitlines() if "loss" in l]
@@ -81,19 +86,19 @@ def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
     return {"times": per_step[1:], "first_step_s": per_step[0]}
 
 
-def run_baseline(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
+def run_baseline(mode: str, steps: int, resolution: int, tmp: Path, device: torch.device) -> dict:
     """The diffusers example's step (VAE + text encoder every step), or whole-UNet fine-tuning."""
     import numpy as np
     import torch.nn.functional as F
     from diffusers import ControlNetModel, DDPMScheduler
     from PIL import Image
-    base = random_sd15_base(tmp)
+    base = random_sd15_base(tmp).to(device)
     data = make_data(tmp, resolution)
     rows = [json.loads(l) for l in (data / "prompt_canny.json").read_text().splitlines()]
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     if mode == "diffusers-recipe":
-        controlnet = ControlNetModel.from_unet(unet).train()
+        controlnet = ControlNetModel.from_unet(unet).train().to(device)
         params = controlnet.parameters()
         optimizer = torch.optim.AdamW(params, lr=1e-5)  # plain AdamW, as in the example
     else:  # unet-finetune
@@ -102,25 +107,27 @@ def run_baseline(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
         with torch.no_grad():  # cached latents / text, as our trainer does
             img = torch.from_numpy(np.asarray(Image.open(data / rows[0]["target"]).convert("RGB"))).permute(2, 0, 1)
-            cached_latents = vae.encode(img[None].float() / 127.5 - 1).latent_dist.sample() * 0.18215
+            cached_latents = vae.encode(img[None].float().to(device) / 127.5 - 1).latent_dist.sample() * 0.18215
             ids = base.tokenizer([rows[0]["prompt"]], padding="max_length", max_length=77, truncation=True,
                                  return_tensors="pt").input_ids
-            cached_text = text_encoder(ids)[0]
+            cached_text = text_encoder(ids.to(device))[0]
     times = []
     for step in range(steps + 1):
         row = rows[step % len(rows)]
+        sync(device)
         t0 = time.perf_counter()
         if controlnet is not None:
             img = torch.from_numpy(np.asarray(Image.open(data / row["target"]).convert("RGB"))).permute(2, 0, 1)
             cond = torch.from_numpy(np.asarray(Image.open(data / row["source"]).convert("RGB"))).permute(2, 0, 1)
+            img, cond = img.to(device), cond.to(device)
             latents = vae.encode(img[None].float() / 127.5 - 1).latent_dist.sample() * 0.18215
             ids = base.tokenizer([row["prompt"]], padding="max_length", max_length=77, truncation=True,
                                  return_tensors="pt").input_ids
-            hidden = text_encoder(ids, return_dict=False)[0]
+            hidden = text_encoder(ids.to(device), return_dict=False)[0]
         else:
             latents, hidden = cached_latents, cached_text
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (1,))
+        t = torch.randint(0, 1000, (1,), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         if controlnet is not None:
             down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond[None].float() / 255,
@@ -135,18 +142,26 @@ def run_baseline(mode: str, steps: int, resolution: int, tmp: Path) -> dict:
             torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=controlnet is None)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {"times": times[1:], "first_step_s": times[0]}
 
 
-def child(mode: str, steps: int, resolution: int) -> None:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def child(mode: str, steps: int, resolution: int, device: torch.device) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         fn = run_ctrlnet if mode.startswith("ctrlnet") else run_baseline
-        result = fn(mode, steps, resolution, Path(d))
+        result = fn(mode, steps, resolution, Path(d), device)
     times = sorted(result.pop("times"))
-    result.update(mode=mode, peak_rss_gib=round(peak_rss_gib(), 2), resolution=resolution, batch=1, steps=steps,
-                  step_s=round(times[len(times) // 2], 2), step_times=[round(t, 2) for t in times],
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
+    result.update(mode=mode, peak_memory_gib=round(memory, 2), resolution=resolution, batch=1, steps=steps,
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  step_s=round(times[len(times) // 2], 4), step_times=[round(t, 4) for t in times],
                   first_step_s=round(result["first_step_s"], 2), threads=torch.get_num_threads())
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -157,14 +172,16 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--modes", default="diffusers-recipe,ctrlnet-fp32,ctrlnet-bf16,unet-finetune")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the modes, interleaved (machine noise)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.steps, args.resolution)
+        return child(args.child, args.steps, args.resolution, torch.device(args.device))
     results = []
     for mode in args.modes.split(",") * args.repeat:
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps),
-                              "--resolution", str(args.resolution)], capture_output=True, text=True)
+                              "--resolution", str(args.resolution), "--device", args.device],
+                             capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if out.returncode or not line:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -178,12 +195,13 @@ def main() -> None:
         times = sorted(t for r in results if r["mode"] == m for t in r["step_times"])
         med[m] = times[len(times) // 2]
     ref = med.get("diffusers-recipe")
-    print("\n| mode | s/step (median) | speed-up vs diffusers recipe | peak RSS GiB |")
+    memory = "peak GPU memory GiB" if args.device.startswith("cuda") else "peak RSS GiB"
+    print(f"\n| mode | s/step (median) | speed-up vs diffusers recipe | {memory} |")
     print("|---|---|---|---|")
     for m in modes:
         speed = f"{ref / med[m]:.2f}x" if ref else "-"
-        rss = max(r["peak_rss_gib"] for r in results if r["mode"] == m)
-        print(f"| {m} | {med[m]:.2f} | {speed} | {rss:.2f} |")
+        rss = max(r["peak_memory_gib"] for r in results if r["mode"] == m)
+        print(f"| {m} | {med[m]:.3g} | {speed} | {rss:.2f} |")
 
 
 if __name__ == "__main__":

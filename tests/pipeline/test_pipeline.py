@@ -213,3 +213,17 @@ def test_one_condition_per_prompt_equals_separate_calls(bases):
     assert len(both.conditions[0]) == 2 and np.array_equal(both.conditions[0][1], b)
     with pytest.raises(ValueError, match="3 images for 2 prompts"):
         pipe(["x", "y"], controls=[Control("net", [a, b, a])], steps=1)
+
+
+def test_channels_last_gives_the_same_latents(bases):
+    """NHWC weights change the convolution kernels' memory layout, not the result."""
+    latents = []
+    for nhwc in (False, True):
+        base = load_base(bases["sd15"])
+        torch.manual_seed(0)  # the hint encoder's random init
+        pipe = Pipeline(base, {"net": trained_looking(base)}, channels_last=nhwc)
+        assert base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == nhwc
+        assert pipe.controlnets["net"].conv_in.weight.is_contiguous(memory_format=torch.channels_last) == nhwc
+        latents.append(pipe("a circle", controls=[Control("net", condition())], steps=3, guidance=5.0, seed=1,
+                            output_type="latent").latents)
+    assert torch.allclose(latents[0], latents[1], atol=1e-4)

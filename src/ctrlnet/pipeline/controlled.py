@@ -123,9 +123,14 @@ class Pipeline:
     """A locked base plus ControlNets, loaded once; call it to generate."""
 
     def __init__(self, base: BaseModel, controlnets: dict[str, ControlNet] | None = None,
-                 dtype: torch.dtype = torch.float32, name: str = ""):
+                 dtype: torch.dtype = torch.float32, name: str = "", channels_last: bool = False):
+        """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
+        the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it)."""
         self.base = base
         self.dtype = dtype
+        self.channels_last = channels_last
+        if channels_last:
+            base.unet.to(memory_format=torch.channels_last)
         self.name = name or Path(str(base.source)).name
         self.controlnets: dict[str, ControlNet] = {}
         for key, net in (controlnets or {}).items():
@@ -133,7 +138,8 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, base: str | Path | BaseModel = "nano", controlnets: Sequence[Any] = (),
-                        dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None) -> "Pipeline":
+                        dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
+                        channels_last: bool = False) -> "Pipeline":
         """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint; ``controlnets``:
         names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute)."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -146,7 +152,7 @@ class Pipeline:
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
                           "fp32; use --dtype fp32", stacklevel=2)
         pipe = cls(resolve_base(base).to(device, torch_dtype), dtype=torch_dtype,
-                   name="nano" if str(base) == "nano" else "")
+                   name="nano" if str(base) == "nano" else "", channels_last=channels_last)
         for net in controlnets:
             pipe.controlnet(net)
         return pipe
@@ -156,6 +162,8 @@ class Pipeline:
     def add_controlnet(self, key: str, net: ControlNet) -> ControlNet:
         check_compatible(net, self.base, key)
         net = net.to(self.base.unet.device, self.dtype).eval().requires_grad_(False)
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
         self.controlnets[key] = net
         return net
 
