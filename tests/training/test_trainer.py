@@ -235,6 +235,33 @@ def test_timestep_sampling_and_sample_limit(make_config):
     t_c = torch.cat([cubic.batch(m)["timesteps"] for m in range(4)]).float()
     assert 400 < t_u.mean() < 600 and t_c.mean() > 700  # E[1 - u^3] = 0.75
     assert 0 <= t_c.min() and t_c.max() <= 999
+    # cubic from optimizer step 2 on (micro-batches 4, 5 with 2 accumulation steps), uniform before
+    later = Trainer(make_config(timestep_sampling="cubic", timestep_sampling_from=2, train_batch_size=64,
+                                gradient_accumulation_steps=2), progress=False)
+    plain = Trainer(make_config(train_batch_size=64, gradient_accumulation_steps=2), progress=False)
+    assert torch.equal(later.batch(3)["timesteps"], plain.batch(3)["timesteps"])
+    assert not torch.equal(later.batch(4)["timesteps"], plain.batch(4)["timesteps"])
+    assert torch.cat([later.batch(m)["timesteps"] for m in (4, 5)]).float().mean() > 700
+
+
+def test_min_snr_weighting(make_config):
+    t = torch.tensor([0, 100, 500, 999])
+    eps = Trainer(make_config(snr_gamma=5.0), progress=False)  # tiny sd15: epsilon
+    v = Trainer(make_config("sd21", snr_gamma=5.0), progress=False)  # tiny sd21: v-prediction
+    for tr, denominator in ((eps, lambda snr: snr), (v, lambda snr: snr + 1)):
+        alpha_bar = tr.noise_scheduler.alphas_cumprod[t].double()
+        snr = alpha_bar / (1 - alpha_bar)
+        assert torch.allclose(tr.snr_weights(t), (snr.clamp(max=5.0) / denominator(snr)).float())
+    w = eps.snr_weights(t)
+    assert w[0] < 0.01 and w[-1] == 1.0  # low noise down-weighted, high noise kept
+    # a gamma above every SNR changes no weight (epsilon): the plain MSE
+    plain, huge = Trainer(make_config(), progress=False), Trainer(make_config(snr_gamma=1e12), progress=False)
+    for tr in (plain, huge, eps):
+        tr.net = tr.net_raw  # what train() sets after accelerate's prepare
+    batch = plain.batch(0)
+    with torch.no_grad():
+        assert torch.allclose(plain.loss(batch), huge.loss(batch), rtol=1e-5)
+        assert not torch.allclose(plain.loss(batch), eps.loss(batch), rtol=1e-3)
 
 
 def test_wall_time_budget_stops_with_a_checkpoint(make_config):

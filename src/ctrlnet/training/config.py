@@ -49,6 +49,13 @@ class TrainConfig:
     # uniform (the seed) or cubic: t = (1 - u^3) T, most steps at high noise where the layout is
     # decided and the condition carries the most information (T2I-Adapter, arXiv 2302.08453, sec. 3.4)
     timestep_sampling: str = "uniform"
+    # optimizer step from which timestep_sampling applies, uniform before it: a bias towards high
+    # noise delays the sudden convergence (BENCHMARKS.md), so it can start after it
+    timestep_sampling_from: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al., arXiv 2303.09556): each sample's loss times
+    # min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction), which lowers the weight of
+    # low-noise steps; 0 = off (plain MSE, the original's), 5 is the paper's value
+    snr_gamma: float = 0.0
     learning_rate: float = 1e-5
     lr_warmup_steps: int = 0  # linear warmup, then lr_scheduler
     lr_scheduler: str = "constant"  # constant (the original's) or cosine: decays to 0 at max_train_steps
@@ -97,6 +104,10 @@ class TrainConfig:
             raise ValueError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.timestep_sampling not in ("uniform", "cubic"):
             raise ValueError(f"config: timestep_sampling must be uniform or cubic, got {self.timestep_sampling!r}")
+        if self.snr_gamma < 0:
+            raise ValueError(f"config: snr_gamma must be >= 0 (0 = off), got {self.snr_gamma}")
+        if self.timestep_sampling_from < 0:
+            raise ValueError(f"config: timestep_sampling_from must be >= 0, got {self.timestep_sampling_from}")
         if not 0 <= self.proportion_empty_prompts <= 1:
             raise ValueError(f"config: proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",

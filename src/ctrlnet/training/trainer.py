@@ -209,7 +209,7 @@ class Trainer:
         h = c.resolution // self.base.vae_scale_factor
         rnd = generator(c.seed, "batch", micro)  # fixed order of draws, whole global batch
         n_t = self.noise_scheduler.config.num_train_timesteps
-        if c.timestep_sampling == "cubic":
+        if c.timestep_sampling == "cubic" and micro // c.gradient_accumulation_steps >= c.timestep_sampling_from:
             u = torch.rand(g, generator=rnd)
             timesteps = ((1 - u ** 3) * n_t).long().clamp(0, n_t - 1)
         else:
@@ -264,7 +264,23 @@ class Trainer:
             added_wd = {k: v.to(wd) for k, v in added.items()} if added else None
             pred = controlled_unet_forward(self.base.unet, noisy.to(wd), t, batch["hidden"].to(wd), (down, mid),
                                            added_cond_kwargs=added_wd)
-        return F.mse_loss(pred.float(), target.float())
+        if not self.config.snr_gamma:
+            return F.mse_loss(pred.float(), target.float())
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        return (per_sample * self.snr_weights(t)).mean()
+
+    def snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights of timesteps ``t`` (B,): min(SNR, gamma) / SNR for epsilon targets,
+        / (SNR + 1) for v-prediction, min(SNR, gamma) for x0 ("sample") targets, where
+        SNR = alpha_bar / (1 - alpha_bar); an epsilon target at SNR = 0 gets weight 1."""
+        alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = snr.clamp(max=self.config.snr_gamma)
+        if self.prediction_type == "v_prediction":
+            return (clipped / (snr + 1)).float()
+        if self.prediction_type == "sample":
+            return clipped.float()
+        return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr)).float()
 
     # ------------------------------------------------------------------ checkpoints
 
