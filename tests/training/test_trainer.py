@@ -258,7 +258,7 @@ def test_min_snr_weighting(make_config):
     plain, huge = Trainer(make_config(), progress=False), Trainer(make_config(snr_gamma=1e12), progress=False)
     for tr in (plain, huge, eps):
         tr.net = tr.net_raw  # what train() sets after accelerate's prepare
-    batch = plain.batch(0)
+    batch = dict(plain.batch(0), timesteps=torch.tensor([10, 900]))  # one low-noise (SNR > 5), one high-noise step
     with torch.no_grad():
         assert torch.allclose(plain.loss(batch), huge.loss(batch), rtol=1e-5)
         assert not torch.allclose(plain.loss(batch), eps.loss(batch), rtol=1e-3)
