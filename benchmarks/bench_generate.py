@@ -2,7 +2,7 @@
 ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run, same weights.
 
     .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
-        [--dtypes fp32,bf16,fp16]
+        [--dtypes fp32,bf16,fp16] [--channels-last] [--repeat N]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 
@@ -12,7 +12,9 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 
 s/step: after a 1-step warm-up call, the time from the start of a ``--steps`` call to its last
-step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net). GFLOPS = FLOPs of one step (UNet + active ControlNet, counted with
+step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net);
+with ``--repeat N`` every mode is timed N times, the modes interleaved round by round (machines
+drift: the same mode moved by 63% between two runs on a GPU), and the median is reported. GFLOPS = FLOPs of one step (UNet + active ControlNet, counted with
 torch.utils.flop_counter) / s/step, also as a fraction of this machine's measured matmul peak in
 that dtype (the best square matmul of 1024, 2048 and 3072 on a CPU; 4096 and 8192 on a GPU). Default
 dtypes: on a CPU fp32, plus bf16 only where bf16 matmul is native (faster than a quarter of fp32; on
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -64,13 +67,16 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device = torch.device("
 
 
 def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float, float]:
-    """(UNet GFLOP, ControlNet GFLOP) of one CFG step (batch 2)."""
+    """(UNet GFLOP, ControlNet GFLOP) of one CFG step (batch 2). Attention is counted through
+    PyTorch's math SDPA backend: the counter sees its matmuls on every device, whereas on the CPU
+    it counts the fused SDPA kernel as 0 FLOPs (the first session's CPU figures missed it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     h = resolution // 8
     x = torch.randn(2, 4, h, h, device=device)
     text = torch.randn(2, 77, 768, device=device)
     cond = torch.rand(2, 3, resolution, resolution, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         with FlopCounterMode(display=False) as fc:
             base.unet(x, 500, text)
         unet = fc.get_total_flops() / 1e9
@@ -86,8 +92,9 @@ def timed(run, steps: int, device: torch.device) -> float:
     run(1, lambda: None)
     stamps = []
 
-    def stamp():
-        sync(device)
+    def stamp():  # waits for the GPU at the last step only, so the host may run ahead as in real use
+        if len(stamps) == steps - 1:
+            sync(device)
         stamps.append(time.perf_counter())
     sync(device)
     start = time.perf_counter()
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtypes", default="", help="ours in these dtypes (default: see above)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the modes, interleaved; median")
     parser.add_argument("--channels-last", action="store_true",
                         help="also ours with Pipeline(channels_last=True): rows 'ctrlnet DTYPE channels_last'")
     args = parser.parse_args()
@@ -118,6 +126,10 @@ def main() -> None:
     else:
         dtypes = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
     peaks = {d: matmul_peak_gflops(torch_dtypes[d], device) for d in dict.fromkeys(["fp32", *dtypes])}
+    if device.type == "cuda":  # cuDNN runs fp32 convolutions in TF32 by default: also the TF32 matmul peak
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peaks["tf32"] = matmul_peak_gflops(torch.float32, device)
+        torch.backends.cuda.matmul.allow_tf32 = False
     print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
                       "threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
@@ -141,47 +153,58 @@ def main() -> None:
             unet_gf, control_gf = step_flops(base, net, res, device)
             cond = Image.fromarray((np.random.default_rng(0).random((res, res, 3)) > 0.8).astype(np.uint8) * 255)
             prompt = "a photo of a red circle on a blue background"
-            results = {}
+            runs = {}  # mode -> run(steps, callback)
             ref = StableDiffusionControlNetPipeline(
                 vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                 unet=base.unet, controlnet=theirs, scheduler=DDIMScheduler.from_config(base.scheduler.config),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             ref.set_progress_bar_config(disable=True)
-            results["diffusers fp32"] = timed(lambda n, cb: ref(
+            runs["diffusers fp32"] = lambda n, cb: ref(
                 prompt, image=cond, num_inference_steps=n, guidance_scale=7.5, height=res, width=res,
-                output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1]), args.steps, device)
-            del ref
+                output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1])
+            pipes = []  # kept alive for the rounds
             variants = [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if args.channels_last else [])
             for dtype, nhwc in variants:
                 torch_dtype = torch_dtypes[dtype]
                 b, n = (base, net) if dtype == "fp32" and not nhwc else (copy.deepcopy(base).to(dtype=torch_dtype),
                                                                           copy.deepcopy(net))
                 pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc)
-                dtype = f"{dtype} channels_last" if nhwc else dtype
-                common = dict(guidance=7.5, guidance_rescale=0.0, width=res, height=res, output_type="latent")
+                pipes.append(pipe)
+                label = f"{dtype} channels_last" if nhwc else dtype
                 image = np.asarray(cond)
-                results[f"ctrlnet {dtype}"] = timed(lambda k, cb: pipe(
-                    prompt, controls=[Control("net", image)], steps=k, callback=lambda i: cb(), **common), args.steps, device)
-                results[f"ctrlnet {dtype} base only"] = timed(lambda k, cb: pipe(
-                    prompt, steps=k, callback=lambda i: cb(), **common), args.steps, device)
-                results[f"ctrlnet {dtype} end=0.5"] = timed(lambda k, cb: pipe(
-                    prompt, controls=[Control("net", image, end=0.5)], steps=k, callback=lambda i: cb(), **common),
-                    args.steps, device)
-                del pipe, b, n
+
+                def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
+                    return pipe(prompt, controls=list(controls), steps=k, callback=lambda i: cb(), guidance=7.5,
+                                guidance_rescale=0.0, width=res, height=res, output_type="latent")
+                runs[f"ctrlnet {label}"] = run
+                runs[f"ctrlnet {label} base only"] = lambda k, cb, run=run: run(k, cb, controls=())
+                runs[f"ctrlnet {label} end=0.5"] = lambda k, cb, run=run: run(
+                    k, cb, controls=(Control("net", image, end=0.5),))
+            times = {mode: [] for mode in runs}
+            for _ in range(args.repeat):
+                for mode, run in runs.items():
+                    times[mode].append(timed(run, args.steps, device))
+            results = {mode: statistics.median(ts) for mode, ts in times.items()}
+            del ref, pipes, runs, run, pipe, b, n  # free the dtype copies before the next resolution
             ref_s = results["diffusers fp32"]
             for mode, s in results.items():
                 dtype = next((d for d in ("bf16", "fp16") if d in mode), "fp32")
                 flops = unet_gf + (0 if "base only" in mode else control_gf * (0.5 if "end=0.5" in mode else 1))
                 row = {"resolution": res, "mode": mode, "s_per_step": round(s, 4),
+                       "rounds": [round(t, 4) for t in times[mode]],
                        "speedup_vs_diffusers_fp32": round(ref_s / s, 2), "gflop_per_step": round(flops, 1),
                        "gflops": round(flops / s, 1), "peak_fraction": round(flops / s / peaks[dtype], 2)}
+                if dtype == "fp32" and "tf32" in peaks:
+                    row["peak_fraction_tf32"] = round(flops / s / peaks["tf32"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak (its dtype) "
+          "| of TF32 peak (GPU fp32) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        tf32 = f"{r['peak_fraction_tf32']:.0%}" if "peak_fraction_tf32" in r else "-"
         print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.3g} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
-              f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} |")
+              f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} | {tf32} |")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ for BENCHMARKS.md:
 - ``unet-finetune``: fine-tuning the whole base UNet instead (fused AdamW, cached latents, fp32):
   the seed's memory comparison.
 
-On a GPU (``--device cuda``) the baseline synchronises before each timestamp (ours reads the loss
-every step, which does the same) and the memory column is the peak of allocated GPU memory
-(``torch.cuda.max_memory_allocated``) instead of the process's RSS.
+On a GPU (``--device cuda``) the baseline synchronises at the end of each step (where the
+diffusers example reads the loss for its progress bar); ours reads the loss after the backward pass,
+so its optimizer step's GPU work ends inside the next step's time: per-step times of consecutive
+steps add up to the run's wall time in both. The memory column is then the peak of allocated GPU
+memory (``torch.cuda.max_memory_allocated``) instead of the process's RSS.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,11 +160,11 @@ def child(mode: str, steps: int, resolution: int, device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as d:
         fn = run_ctrlnet if mode.startswith("ctrlnet") else run_baseline
         result = fn(mode, steps, resolution, Path(d), device)
-    times = sorted(result.pop("times"))
+    times = result.pop("times")
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
     result.update(mode=mode, peak_memory_gib=round(memory, 2), resolution=resolution, batch=1, steps=steps,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  step_s=round(times[len(times) // 2], 4), step_times=[round(t, 4) for t in times],
+                  step_s=round(statistics.median(times), 4), step_times=[round(t, 4) for t in sorted(times)],
                   first_step_s=round(result["first_step_s"], 2), threads=torch.get_num_threads())
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -192,8 +195,7 @@ def main() -> None:
     modes = list(dict.fromkeys(r["mode"] for r in results))
     med = {}
     for m in modes:
-        times = sorted(t for r in results if r["mode"] == m for t in r["step_times"])
-        med[m] = times[len(times) // 2]
+        med[m] = statistics.median(t for r in results if r["mode"] == m for t in r["step_times"])
     ref = med.get("diffusers-recipe")
     memory = "peak GPU memory GiB" if args.device.startswith("cuda") else "peak RSS GiB"
     print(f"\n| mode | s/step (median) | speed-up vs diffusers recipe | {memory} |")

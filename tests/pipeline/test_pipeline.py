@@ -227,3 +227,27 @@ def test_channels_last_gives_the_same_latents(bases):
         latents.append(pipe("a circle", controls=[Control("net", condition())], steps=3, guidance=5.0, seed=1,
                             output_type="latent").latents)
     assert torch.allclose(latents[0], latents[1], atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_checks.sh runs it)")
+def test_cuda_latents_equal_cpu(bases):
+    """The GPU path: the same pipeline and seed on CUDA (fp32, TF32 off) gives the CPU's latents;
+    bf16 on CUDA stays finite and close."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        latents = {}
+        for device, dtype in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):
+            base = load_base(bases["sd15"])
+            torch.manual_seed(0)  # the hint encoder's random init
+            net = trained_looking(base)
+            pipe = Pipeline(base.to(device, dtype), {"net": net}, dtype=dtype)
+            assert pipe.controlnets["net"].conv_in.weight.device.type == device
+            latents[device, dtype] = pipe("a circle", controls=[Control("net", condition())], steps=3, guidance=5.0,
+                                          seed=1, output_type="latent").latents.float().cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    cpu = latents["cpu", torch.float32]
+    assert torch.allclose(latents["cuda", torch.float32], cpu, atol=1e-3)
+    bf16 = latents["cuda", torch.bfloat16]
+    assert torch.isfinite(bf16).all() and (bf16 - cpu).abs().mean() < 0.1 * cpu.abs().mean()

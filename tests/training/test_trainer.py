@@ -253,7 +253,24 @@ def test_min_snr_weighting(make_config):
         snr = alpha_bar / (1 - alpha_bar)
         assert torch.allclose(tr.snr_weights(t), (snr.clamp(max=5.0) / denominator(snr)).float())
     w = eps.snr_weights(t)
-    assert w[0] < 0.01 and w[-1] == 1.0  # low noise down-weighted, high noise kept
+    # pinned: SD1.5's schedule has alpha_bar_0 = 1 - 0.00085, SNR 1175.5 -> 5 / 1175.5
+    assert abs(w[0].item() - 5 / (0.99915 / 0.00085)) < 1e-6 and w[-1] == 1.0  # high noise kept
+    # zero terminal SNR (the nano base's schedule): t = 999 has SNR 0
+    from diffusers import DDPMScheduler
+    own = {tr: (tr.noise_scheduler, tr.prediction_type) for tr in (eps, v)}
+    zero = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         rescale_betas_zero_snr=True)
+    for tr, prediction, last in ((eps, "epsilon", 1.0), (v, "v_prediction", 0.0), (eps, "sample", 0.0)):
+        tr.noise_scheduler, tr.prediction_type = zero, prediction
+        assert tr.snr_weights(torch.tensor([999])).item() == last  # epsilon keeps it; v / x0 weight SNR -> 0
+    eps.noise_scheduler = plain_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                          beta_end=0.012)
+    eps.prediction_type = "sample"  # x0 target: min(SNR, gamma) itself
+    assert torch.allclose(eps.snr_weights(torch.tensor([0, 999])),
+                          torch.tensor([5.0, plain_scheduler.alphas_cumprod[999].item()
+                                        / (1 - plain_scheduler.alphas_cumprod[999].item())]))
+    for tr, (scheduler, prediction) in own.items():  # back to the bases' own
+        tr.noise_scheduler, tr.prediction_type = scheduler, prediction
     # a gamma above every SNR changes no weight (epsilon): the plain MSE
     plain, huge = Trainer(make_config(), progress=False), Trainer(make_config(snr_gamma=1e12), progress=False)
     for tr in (plain, huge, eps):

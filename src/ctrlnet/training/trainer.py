@@ -273,14 +273,17 @@ class Trainer:
         """Min-SNR-gamma weights of timesteps ``t`` (B,): min(SNR, gamma) / SNR for epsilon targets,
         / (SNR + 1) for v-prediction, min(SNR, gamma) for x0 ("sample") targets, where
         SNR = alpha_bar / (1 - alpha_bar); an epsilon target at SNR = 0 gets weight 1."""
-        alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+        # float64 on the CPU (the scheduler's table lives there; MPS has no float64), then to t's device
+        alpha_bar = self.noise_scheduler.alphas_cumprod.double()[t.cpu()]
         snr = alpha_bar / (1 - alpha_bar)
         clipped = snr.clamp(max=self.config.snr_gamma)
         if self.prediction_type == "v_prediction":
-            return (clipped / (snr + 1)).float()
-        if self.prediction_type == "sample":
-            return clipped.float()
-        return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr)).float()
+            w = clipped / (snr + 1)
+        elif self.prediction_type == "sample":
+            w = clipped
+        else:
+            w = torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
+        return w.float().to(t.device)
 
     # ------------------------------------------------------------------ checkpoints
 
