@@ -12,15 +12,19 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 
 s/step: after a 1-step warm-up call, the time from the start of a ``--steps`` call to its last
-step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net);
-with ``--repeat N`` every mode is timed N times, the modes interleaved round by round (machines
-drift: the same mode moved by 63% between two runs on a GPU), and the median is reported. GFLOPS = FLOPs of one step (UNet + active ControlNet, counted with
-torch.utils.flop_counter) / s/step, also as a fraction of this machine's measured matmul peak in
-that dtype (the best square matmul of 1024, 2048 and 3072 on a CPU; 4096 and 8192 on a GPU). Default
-dtypes: on a CPU fp32, plus bf16 only where bf16 matmul is native (faster than a quarter of fp32; on
-CPUs without AVX512-BF16/AMX it is skipped and the peaks say why); on a GPU fp32, bf16 and fp16. On a
-GPU every timestamp follows a ``torch.cuda.synchronize()``, and PyTorch's TF32 defaults are kept
-(matmuls in full fp32, cuDNN convolutions in TF32) for both pipelines.
+step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net); on a
+GPU the last callback waits for the GPU (``torch.cuda.synchronize()``) before its timestamp. With
+``--repeat N`` every mode is timed N times, the modes interleaved round by round (machines drift:
+the same mode moved by 63% between two runs on a GPU), and the median is reported.
+
+GFLOPS = FLOPs of one step (UNet + active ControlNet, counted with torch.utils.flop_counter,
+attention through the math SDPA backend) / s/step, also as a fraction of this machine's measured
+matmul peak in that dtype (the best square matmul of 1024, 2048 and 3072 on a CPU; 4096 and 8192 on
+a GPU, where fp32 rows are also given against the TF32 peak, since cuDNN runs fp32 convolutions in
+TF32 by default). Default dtypes: on a CPU fp32, plus bf16 only where bf16 matmul is native (faster
+than a quarter of fp32; on CPUs without AVX512-BF16/AMX it is skipped and the peaks say why); on a
+GPU fp32, bf16 and fp16. PyTorch's TF32 defaults are kept for both pipelines (matmuls in full fp32,
+cuDNN convolutions in TF32).
 """
 
 from __future__ import annotations
