@@ -54,7 +54,8 @@ class TrainConfig:
     timestep_sampling_from: int = 0
     # Min-SNR-gamma loss weighting (Hang et al., arXiv 2303.09556): each sample's loss times
     # min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction), which lowers the weight of
-    # low-noise steps; 0 = off (plain MSE, the original's), 5 is the paper's value
+    # low-noise steps (for v-prediction also of the noisiest ones); 0 = off (plain MSE, the
+    # original's), 5 is the paper's value
     snr_gamma: float = 0.0
     learning_rate: float = 1e-5
     lr_warmup_steps: int = 0  # linear warmup, then lr_scheduler

@@ -273,8 +273,9 @@ class Trainer:
         """Min-SNR-gamma weights of timesteps ``t`` (B,): min(SNR, gamma) / SNR for epsilon targets,
         / (SNR + 1) for v-prediction, min(SNR, gamma) for x0 ("sample") targets, where
         SNR = alpha_bar / (1 - alpha_bar); an epsilon target at SNR = 0 gets weight 1."""
-        # float64 on the CPU (the scheduler's table lives there; MPS has no float64), then to t's device
-        alpha_bar = self.noise_scheduler.alphas_cumprod.double()[t.cpu()]
+        # float64 on the CPU (diffusers' add_noise moves the table to the device, and MPS has no
+        # float64), then the weights to t's device
+        alpha_bar = self.noise_scheduler.alphas_cumprod.cpu().double()[t.cpu()]
         snr = alpha_bar / (1 - alpha_bar)
         clipped = snr.clamp(max=self.config.snr_gamma)
         if self.prediction_type == "v_prediction":
