@@ -2,7 +2,7 @@
 ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run, same weights.
 
     .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
-        [--dtypes fp32,bf16,fp16] [--channels-last] [--repeat N]
+        [--dtypes fp32,bf16,fp16] [--channels-last] [--repeat N] [--allocator system|retain]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 
@@ -24,7 +24,14 @@ a GPU, where fp32 rows are also given against the TF32 peak, since cuDNN runs fp
 TF32 by default). Default dtypes: on a CPU fp32, plus bf16 only where bf16 matmul is native (faster
 than a quarter of fp32; on CPUs without AVX512-BF16/AMX it is skipped and the peaks say why); on a
 GPU fp32, bf16 and fp16. PyTorch's TF32 defaults are kept for both pipelines (matmuls in full fp32,
-cuDNN convolutions in TF32).
+cuDNN convolutions in TF32). The matmul peak is probed before and after the timings and the higher
+of the two is used (this machine drifts; a low probe would inflate the fractions).
+
+``--allocator retain`` calls ``ctrlnet.allocator.retain_freed_memory()`` first, as ``ctrlnet
+generate`` does: freed CPU memory is kept for reuse instead of being mapped and faulted in again
+every step. It is process-wide, so it applies to diffusers' pipeline in the same run too; the
+default ``system`` keeps glibc's own behaviour (what a diffusers user gets). Minor page faults per
+step are reported per mode.
 """
 
 from __future__ import annotations
@@ -102,9 +109,15 @@ def timed(run, steps: int, device: torch.device) -> float:
         stamps.append(time.perf_counter())
     sync(device)
     start = time.perf_counter()
+    faults = minor_faults()
     run(steps, stamp)
     assert len(stamps) == steps
-    return (stamps[-1] - start) / steps
+    return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps
+
+
+def minor_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -116,7 +129,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the modes, interleaved; median")
     parser.add_argument("--channels-last", action="store_true",
                         help="also ours with Pipeline(channels_last=True): rows 'ctrlnet DTYPE channels_last'")
+    parser.add_argument("--allocator", default="system", choices=["system", "retain"],
+                        help="retain: ctrlnet.allocator.retain_freed_memory() for the whole process (see above)")
     args = parser.parse_args()
+    if args.allocator == "retain":
+        from ctrlnet.allocator import retain_freed_memory
+        if not retain_freed_memory():
+            raise SystemExit("--allocator retain: not available here (glibc only, or CTRLNET_CPU_ALLOCATOR=system)")
     device = torch.device(args.device)
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
     from PIL import Image
@@ -136,7 +155,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
     print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
-                      "threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "allocator": args.allocator}), flush=True)
     if device.type == "cpu" and not args.dtypes and "bf16" in peaks and peaks["bf16"] < peaks["fp32"] / 4:
         # bf16 only where the CPU computes it natively (AVX512-BF16 / AMX); emulated bf16 runs ~100x slower
         dtypes = ["fp32"]
@@ -185,30 +205,45 @@ def main() -> None:
                 runs[f"ctrlnet {label} end=0.5"] = lambda k, cb, run=run: run(
                     k, cb, controls=(Control("net", image, end=0.5),))
             times = {mode: [] for mode in runs}
+            faults = {mode: [] for mode in runs}
             for _ in range(args.repeat):
                 for mode, run in runs.items():
-                    times[mode].append(timed(run, args.steps, device))
+                    seconds, step_faults = timed(run, args.steps, device)
+                    times[mode].append(seconds)
+                    faults[mode].append(step_faults)
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
             del ref, pipes, runs, run, pipe, b, n  # free the dtype copies before the next resolution
+            for d in dict.fromkeys(["fp32", *dtypes]):  # the machine drifts: probe again, keep the higher peak
+                again = matmul_peak_gflops(torch_dtypes[d], device)
+                if again > peaks[d]:
+                    print(f"matmul peak {d}: {peaks[d]:.1f} -> {again:.1f} GFLOPS (probed again)", flush=True)
+                    peaks[d] = again
             ref_s = results["diffusers fp32"]
             for mode, s in results.items():
                 dtype = next((d for d in ("bf16", "fp16") if d in mode), "fp32")
                 flops = unet_gf + (0 if "base only" in mode else control_gf * (0.5 if "end=0.5" in mode else 1))
                 row = {"resolution": res, "mode": mode, "s_per_step": round(s, 4),
                        "rounds": [round(t, 4) for t in times[mode]],
+                       "page_faults_per_step": round(statistics.median(faults[mode])),
                        "speedup_vs_diffusers_fp32": round(ref_s / s, 2), "gflop_per_step": round(flops, 1),
-                       "gflops": round(flops / s, 1), "peak_fraction": round(flops / s / peaks[dtype], 2)}
-                if dtype == "fp32" and "tf32" in peaks:
-                    row["peak_fraction_tf32"] = round(flops / s / peaks["tf32"], 2)
+                       "gflops": round(flops / s, 1), "dtype": dtype}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    for r in rows:  # fractions against the final (highest) peaks
+        r["peak_fraction"] = round(r["gflops"] / peaks[r["dtype"]], 2)
+        if r["dtype"] == "fp32" and "tf32" in peaks:
+            r["peak_fraction_tf32"] = round(r["gflops"] / peaks["tf32"], 2)
+    print(json.dumps({"peak_fractions": {f"{r['resolution']} {r['mode']}": r["peak_fraction"] for r in rows}}))
+    print(f"\nallocator: {args.allocator}; matmul peaks (GFLOPS): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
     print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak (its dtype) "
-          "| of TF32 peak (GPU fp32) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| of TF32 peak (GPU fp32) | page faults/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tf32 = f"{r['peak_fraction_tf32']:.0%}" if "peak_fraction_tf32" in r else "-"
         print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.3g} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
-              f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} | {tf32} |")
+              f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} | {tf32} | "
+              f"{r['page_faults_per_step']:,} |")
 
 
 if __name__ == "__main__":

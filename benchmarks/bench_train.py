@@ -17,6 +17,12 @@ for BENCHMARKS.md:
 - ``unet-finetune``: fine-tuning the whole base UNet instead (fused AdamW, cached latents, fp32):
   the seed's memory comparison.
 
+The CPU allocator (``ctrlnet.allocator``): the Trainer keeps freed memory for reuse by default
+(``retain_cpu_memory: true``), the baselines run with glibc's default, as each library's users get
+them. Two more modes separate that setting from the rest: ``ctrlnet-fp32-system`` (ours with
+``retain_cpu_memory: false``) and ``diffusers-recipe-retain`` (the recipe with
+``retain_freed_memory()`` called first). Minor page faults per timed step are reported for every mode.
+
 On a GPU (``--device cuda``) the baseline synchronises at the end of each step (where the
 diffusers example reads the loss for its progress bar); ours reads the loss after the backward pass,
 so its optimizer step's GPU work ends inside the next step's time: per-step times of consecutive
@@ -39,6 +45,10 @@ from pathlib import Path
 import torch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "src" / "ctrlnet" / "configs" / "sd15"
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def peak_rss_gib() -> float:
@@ -81,12 +91,16 @@ def run_ctrlnet(mode: str, steps: int, resolution: int, tmp: Path, device: torch
                                  resolution=resolution, train_batch_size=1, max_train_steps=steps + 1,
                                  checkpointing_steps=10**6, log_every=1, tensorboard=False,
                                  mixed_precision="bf16" if mode == "ctrlnet-bf16" else "no",
+                                 retain_cpu_memory=not mode.endswith("-system"),
                                  cpu=device.type == "cpu"))
     tr = Trainer(cfg, progress=False, base=base)
+    stamps = []  # page-fault counter at each log call: once before the first step, then after every step
+    log = tr.monitor.log
+    tr.monitor.log = lambda **kw: (stamps.append(minor_faults()), log(**kw))[1]
     tr.train()
     log = [json.loads(l) for l in (tmp / "run" / "log.jsonl").read_text().splitlines() if "loss" in l]
     per_step = [r["step_s"] for r in log]  # wall time of each optimizer step (batch, forward, backward, AdamW)
-    return {"times": per_step[1:], "first_step_s": per_step[0]}
+    return {"times": per_step[1:], "first_step_s": per_step[0], "faults": stamps[-1] - stamps[1]}
 
 
 def run_baseline(mode: str, steps: int, resolution: int, tmp: Path, device: torch.device) -> dict:
@@ -100,7 +114,7 @@ def run_baseline(mode: str, steps: int, resolution: int, tmp: Path, device: torc
     rows = [json.loads(l) for l in (data / "prompt_canny.json").read_text().splitlines()]
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    if mode == "diffusers-recipe":
+    if mode.startswith("diffusers-recipe"):
         controlnet = ControlNetModel.from_unet(unet).train().to(device)
         params = controlnet.parameters()
         optimizer = torch.optim.AdamW(params, lr=1e-5)  # plain AdamW, as in the example
@@ -115,7 +129,9 @@ def run_baseline(mode: str, steps: int, resolution: int, tmp: Path, device: torc
                                  return_tensors="pt").input_ids
             cached_text = text_encoder(ids.to(device))[0]
     times = []
+    faults = 0
     for step in range(steps + 1):
+        f0 = minor_faults()
         row = rows[step % len(rows)]
         sync(device)
         t0 = time.perf_counter()
@@ -147,7 +163,8 @@ def run_baseline(mode: str, steps: int, resolution: int, tmp: Path, device: torc
         optimizer.zero_grad(set_to_none=controlnet is None)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return {"times": times[1:], "first_step_s": times[0]}
+        faults += (minor_faults() - f0) if step else 0
+    return {"times": times[1:], "first_step_s": times[0], "faults": faults}
 
 
 def sync(device: torch.device) -> None:
@@ -157,10 +174,14 @@ def sync(device: torch.device) -> None:
 
 def child(mode: str, steps: int, resolution: int, device: torch.device) -> None:
     torch.manual_seed(0)
+    if mode.endswith("-retain"):
+        from ctrlnet.allocator import retain_freed_memory
+        assert retain_freed_memory() or sys.platform != "linux"
     with tempfile.TemporaryDirectory() as d:
         fn = run_ctrlnet if mode.startswith("ctrlnet") else run_baseline
         result = fn(mode, steps, resolution, Path(d), device)
     times = result.pop("times")
+    result["faults_per_step"] = round(result.pop("faults") / len(times))
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
     result.update(mode=mode, peak_memory_gib=round(memory, 2), resolution=resolution, batch=1, steps=steps,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -198,12 +219,13 @@ def main() -> None:
         med[m] = statistics.median(t for r in results if r["mode"] == m for t in r["step_times"])
     ref = med.get("diffusers-recipe")
     memory = "peak GPU memory GiB" if args.device.startswith("cuda") else "peak RSS GiB"
-    print(f"\n| mode | s/step (median) | speed-up vs diffusers recipe | {memory} |")
-    print("|---|---|---|---|")
+    print(f"\n| mode | s/step (median) | speed-up vs diffusers recipe | {memory} | minor page faults per step |")
+    print("|---|---|---|---|---|")
     for m in modes:
         speed = f"{ref / med[m]:.2f}x" if ref else "-"
         rss = max(r["peak_memory_gib"] for r in results if r["mode"] == m)
-        print(f"| {m} | {med[m]:.3g} | {speed} | {rss:.2f} |")
+        faults = statistics.median(r["faults_per_step"] for r in results if r["mode"] == m)
+        print(f"| {m} | {med[m]:.3g} | {speed} | {rss:.2f} | {faults:,.0f} |")
 
 
 if __name__ == "__main__":

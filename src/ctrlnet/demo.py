@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import retain_freed_memory
 from .base import load_base
 from .formats import inspect_checkpoint, load_controlnet, save_controlnet
 from .models import ControlledUNet, ControlNet
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="outputs/demo")
     args = parser.parse_args()
+    retain_freed_memory()  # reuse freed CPU memory across steps (ctrlnet.allocator)
     out = Path(args.out)
     if (NANO_SD / "model_index.json").is_file():
         nano_text_to_image(out)

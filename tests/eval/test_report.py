@@ -117,3 +117,18 @@ def test_two_nets_each_for_one_object_and_errors(val, tmp_path):
     r = subprocess.run([str(exe), "eval", "--control", "model=nano-canny,condition=depth", "--data", str(val),
                         "--n", "1", "--steps", "1", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "no metadata column 'depth'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_regions_give_each_object_its_own_prompt(val, tmp_path):
+    from ctrlnet.eval.report import load_samples, object_regions
+    sample = next(s for s in load_samples(val, 50) if len(s["columns"]["shapes"]) >= 2)
+    regions = object_regions(sample["columns"], 128)
+    shapes = sample["columns"]["shapes"]
+    assert len(regions) == len(shapes)
+    for r, s in zip(regions, shapes):
+        assert f"{s['colour']} {s['shape']} on a" in r.prompt and r.prompt.endswith(" background")
+        x, y = min(int(s["cx"]), 127), min(int(s["cy"]), 127)
+        assert r.mask[y, x] == 255 and 0 < (r.mask > 0).mean() < 0.5  # the mask sits on its object
+    report = evaluate("nano", [EvalControl("nano-canny", annotator="canny")], val, tmp_path / "r", n=2, steps=2,
+                      progress=False, regions=True)
+    assert report["regions"] is True and "colour_accuracy" in report["results"][0]["metrics"]

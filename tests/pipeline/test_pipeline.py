@@ -97,17 +97,17 @@ def test_control_modes_and_summed_nets(bases):
     cond = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     ha, hb = a.embed_condition(cond), b.embed_condition(cond)
     with torch.no_grad():
-        down, mid = control_residuals([ActiveControl(a, ha, mode="control")], 0, 1, x, 500, text, None, cfg=True)
+        down, mid = control_residuals([ActiveControl(a, ha, mode="control")], 0, 1, x, 500, text, None, uncond_rows=2)
         assert all((d[:2] == 0).all() for d in down) and (mid[:2] == 0).all()  # no control on the uncond half
         soft = a(x[2:], 500, text[2:], hint=ha, guess_mode=True)
         assert all(torch.allclose(d[2:], s, atol=1e-6) for d, s in zip(down, soft[0]))
-        down_p, _ = control_residuals([ActiveControl(a, ha, mode="prompt")], 0, 1, x, 500, text, None, cfg=True)
+        down_p, _ = control_residuals([ActiveControl(a, ha, mode="prompt")], 0, 1, x, 500, text, None, uncond_rows=2)
         n = len(down_p)
         flat = a(x, 500, text, hint=torch.cat([ha, ha]))[0]
         for i in (0, n - 1):  # soft scales 0.825**(12-i) on both halves
             assert torch.allclose(down_p[i], flat[i] * 0.825 ** (n - i), atol=1e-6)
         both = control_residuals([ActiveControl(a, ha), ActiveControl(b, hb, scale=0.5)], 0, 1, x, 500, text, None,
-                                 cfg=True)
+                                 uncond_rows=2)
         ra = a(x, 500, text, hint=torch.cat([ha, ha]))
         rb = b(x, 500, text, hint=torch.cat([hb, hb]), conditioning_scale=0.5)
         assert torch.allclose(both[1], ra[1] + rb[1], atol=1e-6)

@@ -97,6 +97,21 @@ def condition_for(control: EvalControl, sample: dict) -> np.ndarray:
     return load_image(sample["condition"])
 
 
+def object_regions(record: dict, size: int, dilate: int = 0) -> list:
+    """ShapesWorld: one ``Region`` per object, its own one-object prompt inside its true mask
+    (optionally dilated by ``dilate`` px; measured on 200 held-out samples with nano-canny: the exact
+    mask gave mask IoU 0.853, dilated 2 px 0.848, 4 px 0.844; colour accuracy 96.7-97.3% for all three)."""
+    from ..pipeline.controlled import Region
+    from ..testbed.shapes import _a
+    if "shapes" not in record:
+        raise ValueError("eval --regions: needs ShapesWorld metadata (a 'shapes' column)")
+    masks = [m.astype(np.uint8) * 255 for m in true_object_masks(record, size)]
+    if dilate:
+        masks = [cv2.dilate(m, np.ones((2 * dilate + 1, 2 * dilate + 1), np.uint8)) for m in masks]
+    return [Region(f"{_a(s['colour'] + ' ' + s['shape'])} on {_a(record['background'])} background", m)
+            for s, m in zip(record["shapes"], masks)]
+
+
 def expand_models(controls: list[EvalControl]) -> list[tuple[int | None, list[EvalControl]]]:
     """[(training step or None, controls)]: one entry, or one per checkpoint of a globbed model."""
     globbed = [i for i, c in enumerate(controls) if any(ch in c.model for ch in "*?[")]
@@ -145,7 +160,7 @@ def score_image(image: np.ndarray, sample: dict, controls: list[EvalControl], co
 def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str | Path, n: int = 200,
              seeds: int = 1, steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
              scheduler: str = "ddim", dtype: str = "fp32", baseline: bool = True, split_objects: bool = False,
-             progress: bool = True, batch: int = 16) -> dict:
+             progress: bool = True, batch: int = 16, regions: bool = False) -> dict:
     """Generate, score and write the report; returns the report dict (also ``out/report.json``)."""
     from ..pipeline import Control, Pipeline
     if not controls:
@@ -167,6 +182,7 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
             maps = [m * (cv2.dilate(masks[k].astype(np.uint8), np.ones((7, 7), np.uint8))[..., None] > 0)
                     for k, m in enumerate(maps)]
         conditions.append([m.astype(np.uint8) for m in maps])
+    region_lists = [object_regions(s["columns"], size) for s in samples] if regions else None
     settings = dict(steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, scheduler=scheduler,
                     width=size, height=size)
     from tqdm.auto import tqdm
@@ -179,7 +195,7 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
             ctrl = [Control(u.model, [conditions[i][k] for i in chunk], scale=u.scale)
                     for k, u in enumerate(units)] if units else []
             res = pipe([samples[i]["prompt"] for i in chunk], controls=ctrl, seed=s0 * seeds, num_images=seeds,
-                       **settings)
+                       regions=[region_lists[i] for i in chunk] if region_lists and units else (), **settings)
             for b, img in enumerate(res.images):
                 i = s0 + b // seeds
                 a = np.asarray(img)
@@ -207,7 +223,7 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
     report = {
         "base": str(base), "data": str(data), "n": len(samples), "seeds": seeds, "images_per_config": len(last_images),
         "controls": [asdict(c) for c in controls], "split_objects": split_objects,
-        "settings": {**settings, "dtype": dtype, "seed_rule": "sample i, image j: seed i * seeds + j"},
+        "regions": regions, "settings": {**settings, "dtype": dtype, "seed_rule": "sample i, image j: seed i * seeds + j"},
         "results": results, "baseline": base_metrics, "seconds": round(seconds, 1),
         "versions": {"ctrlnet": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},

@@ -73,6 +73,20 @@ class Control:
 
 
 @dataclass
+class Region:
+    """Regional prompting: inside ``mask`` the conditional noise prediction comes from ``prompt``
+    instead of the main prompt ("latent couple"; A1111's Regional Prompter / Latent Couple, ComfyUI's
+    masked conditioning). ``mask``: a path, PIL image or (H, W[, C]) array, resized like the
+    conditions; white = inside, grey = partly (averaged down to the latent grid, so edges blend).
+    The ControlNets act on each region's rows as on the main prompt's. Cost: one more UNet and
+    ControlNet batch per region per step. Typical use: one object per region, to bind attributes
+    ("a red circle" here, "a blue square" there) that a single prompt mixes up."""
+
+    prompt: str
+    mask: Any
+
+
+@dataclass
 class Result:
     images: list[Image.Image]
     # the condition maps actually used, (H, W, 3) uint8, one per control (a list of them, one per
@@ -228,9 +242,11 @@ class Pipeline:
                  steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
                  seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
                  scheduler: str = "ddim", init_image: Any = None, strength: float = 1.0, mask: Any = None,
-                 progress: bool = False, callback=None, output_type: str = "pil") -> Result:
+                 progress: bool = False, callback=None, output_type: str = "pil",
+                 regions: Sequence[Region] | Sequence[Sequence[Region]] = ()) -> Result:
         """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
         the base's own (nano: 2.5 / 0.7, a zero-terminal-SNR model; others 7.5 / 0).
+        ``regions``: ``Region``s for every prompt, or one list of them per prompt.
         ``callback(i)`` is called after denoising step i; ``output_type="latent"`` skips decoding."""
         base = self.base
         zsnr = bool(base.scheduler.config.get("rescale_betas_zero_snr", False))
@@ -262,6 +278,7 @@ class Pipeline:
         if pooled is not None:  # SDXL: pooled text and size/crop conditioning
             added = {"text_embeds": torch.cat([uncond_pooled, pooled]) if cfg else pooled,
                      "time_ids": sdxl_time_ids(text.shape[0], height, width).to(device, text.dtype)}
+        region_batch = self.region_batch(regions, len(prompts) // num_images, num_images, width, height)
         # 3. Init image and mask (img2img / inpainting), resized like the conditions.
         init_rs = resize_to(init, width, height) if init is not None else None
         mask_rs = None
@@ -325,13 +342,14 @@ class Pipeline:
             if callback is not None:
                 callback(i)
         latents = denoise(base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
-                          generator=gen, inpaint=inpaint, callback=on_step)
+                          generator=gen, inpaint=inpaint, callback=on_step, regions=region_batch)
         if bar is not None:
             bar.close()
         # 8. Decode, with the parameters of each image.
         params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
                                        seed + i, width, height, controls,
-                                       strength if init is not None else None)
+                                       strength if init is not None else None,
+                                       region_batch["prompts"][i] if region_batch else ())
                   for i, p in enumerate(prompts)]
         to_uint8 = lambda m: np.clip(m * 255, 0, 255).astype(np.uint8)
         conditions = [[to_uint8(x) for x in m] if isinstance(m, list) else to_uint8(m) for m in maps]
@@ -339,6 +357,41 @@ class Pipeline:
             return Result([], conditions, params, latents, num_images)
         images = decode(base, latents).numpy()
         return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images)
+
+    def region_batch(self, regions, n_prompts: int, num_images: int, width: int, height: int) -> dict | None:
+        """The loop's ``regions`` dict: R region prompts per image (padded with "" and an empty mask
+        where a prompt has fewer), their text embeddings (R*B, T, D) and latent-grid weights (R, B, 1, h, w)."""
+        if not regions:
+            return None
+        per_prompt = [list(regions)] * n_prompts if isinstance(regions[0], Region) else [list(r) for r in regions]
+        if len(per_prompt) != n_prompts:
+            raise ValueError(f"regions: {len(per_prompt)} lists for {n_prompts} prompts; give one list per prompt, "
+                             "or one list of Region for all")
+        r_max = max(len(r) for r in per_prompt)
+        if r_max == 0:
+            return None
+        base, f = self.base, self.base.vae_scale_factor
+        device = base.unet.device
+        weights = torch.zeros(r_max, n_prompts, 1, height // f, width // f)
+        texts = [[""] * n_prompts for _ in range(r_max)]
+        for p, items in enumerate(per_prompt):
+            for r, region in enumerate(items):
+                if not isinstance(region, Region):
+                    raise ValueError(f"regions: item {r} of prompt {p} is a {type(region).__name__}, not a Region")
+                texts[r][p] = region.prompt
+                m = as_rgb(region.mask, f"region {r} mask").max(axis=2)  # (H, W) uint8
+                m = resize_to(np.repeat(m[:, :, None], 3, 2), width, height)[..., 0]
+                m = torch.from_numpy(m.astype(np.float32) / 255)[None, None]  # (1, 1, H, W)
+                weights[r, p] = torch.nn.functional.interpolate(m, size=weights.shape[-2:], mode="area")[0]
+        self.warn_long_prompts([t for row in texts for t in row])
+        rows = [[t for t in row for _ in range(num_images)] for row in texts]  # (R, B) prompts, as the images
+        encoded = [encode_text(base, row) for row in rows]
+        out = {"text": torch.cat([e[0] for e in encoded]),  # (R*B, T, D)
+               "weights": weights.repeat_interleave(num_images, 1).to(device),  # (R, B, 1, h, w)
+               "prompts": [[rows[r][i] for r in range(r_max) if rows[r][i]] for i in range(n_prompts * num_images)]}
+        if encoded[0][1] is not None:  # SDXL pooled text
+            out["text_embeds"] = torch.cat([e[1] for e in encoded])
+        return out
 
     def warn_long_prompts(self, prompts: list[str]) -> None:
         tok = self.base.tokenizer
@@ -349,7 +402,7 @@ class Pipeline:
                               f"cut: {p[:60]!r}...", PromptTruncatedWarning, stacklevel=3)
 
     def parameters_text(self, prompt, negative_prompt, steps, scheduler, guidance, guidance_rescale, seed, width,
-                        height, controls, strength) -> str:
+                        height, controls, strength, region_prompts=()) -> str:
         """The A1111 "parameters" text: prompt, negative prompt, then "Key: value" pairs."""
         items = [("Steps", steps), ("Sampler", sampler_label(scheduler)), ("CFG scale", guidance),
                  ("Seed", seed), ("Size", f"{width}x{height}"), ("Model", self.name)]
@@ -365,6 +418,8 @@ class Pipeline:
                     f"{c.resize_mode}, Guidance Start: {c.start}, Guidance End: {c.end}, Control Mode: "
                     f"{mode_names[c.mode]}")
             items.append((f"ControlNet {i}", f'"{unit}"'))
+        for i, rp in enumerate(region_prompts):
+            items.append((f"Region {i}", f'"{rp}"'))
         text = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
         return text + "\n" + ", ".join(f"{k}: {v}" for k, v in items)
 

@@ -93,33 +93,46 @@ class ActiveControl:
 
 
 def control_residuals(controls: Sequence[ActiveControl], i: int, n: int, model_in: torch.Tensor, t,
-                      text: torch.Tensor, added: dict | None, cfg: bool):
-    """Summed residuals of the nets active at step i of n, for the (2B if cfg else B) batch."""
+                      text: torch.Tensor, added: dict | None, uncond_rows: int):
+    """Summed residuals of the nets active at step i of n for the batch ``model_in`` (k * B rows in
+    blocks of B: the unconditional block first when ``uncond_rows`` = B (CFG), then the conditional
+    block, then one block per region prompt)."""
     out = []
     for c in controls:
         if not c.active(i, n):
             continue
         net, soft = c.net, c.mode != "balanced"
-        if cfg and c.mode == "control":  # conditional half only; zeros for the unconditional half
-            half = model_in.shape[0] // 2
-            cond_added = {k: v[half:] for k, v in added.items()} if added else None
-            down, mid = net(model_in[half:].to(net.dtype), t, text[half:].to(net.dtype), hint=c.hint,
+        k = model_in.shape[0] // c.hint.shape[0]
+        if uncond_rows and c.mode == "control":  # conditional rows only; zeros for the unconditional block
+            u = uncond_rows
+            cond_added = {key: v[u:] for key, v in added.items()} if added else None
+            down, mid = net(model_in[u:].to(net.dtype), t, text[u:].to(net.dtype), hint=c.hint.repeat(k - 1, 1, 1, 1),
                             conditioning_scale=c.scale, guess_mode=soft, added_cond_kwargs=cond_added)
-            down = tuple(torch.cat([torch.zeros_like(d), d]) for d in down)  # (2B, C, h, w)
-            mid = torch.cat([torch.zeros_like(mid), mid])
+            down = tuple(torch.cat([d.new_zeros((u, *d.shape[1:])), d]) for d in down)  # (k*B, C, h, w)
+            mid = torch.cat([mid.new_zeros((u, *mid.shape[1:])), mid])
         else:
-            hint = torch.cat([c.hint, c.hint]) if cfg else c.hint  # (2B or B, C0, h, w)
+            hint = c.hint.repeat(k, 1, 1, 1) if k > 1 else c.hint  # (k*B, C0, h, w)
             down, mid = net(model_in.to(net.dtype), t, text.to(net.dtype), hint=hint, conditioning_scale=c.scale,
                             guess_mode=soft, added_cond_kwargs=added)
         out.append((down, mid))
     return sum_residuals(out)
 
 
+def compose_regions(pred_cond: torch.Tensor, pred_regions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Regional prompting ("latent couple"): inside each region the conditional prediction is its
+    own prompt's. pred_cond (B, C, h, w); pred_regions (R, B, C, h, w); weights (R, B, 1, h, w) in
+    [0, 1]. Where regions overlap beyond 1 they are normalised; the rest keeps the main prompt's."""
+    cover = weights.sum(0)  # (B, 1, h, w)
+    weights = weights / cover.clamp(min=1)
+    return pred_cond * (1 - cover.clamp(max=1)) + (weights * pred_regions).sum(0)
+
+
 @torch.no_grad()
 def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, scheduler, timesteps: torch.Tensor,
             guidance: float, guidance_rescale: float = 0.0, controls: Sequence[ActiveControl] = (),
             added: dict | None = None, generator: torch.Generator | None = None,
-            inpaint: dict | None = None, callback: Callable[[int], None] | None = None) -> torch.Tensor:
+            inpaint: dict | None = None, callback: Callable[[int], None] | None = None,
+            regions: dict | None = None) -> torch.Tensor:
     """Run the sampler over ``timesteps`` from ``latents`` (B, C, h, w) float32; returns the final latents.
 
     ``text`` is (2B, T, D) [uncond; cond] when ``guidance > 1``, else (B, T, D).
@@ -127,23 +140,38 @@ def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, schedule
     "noise": (B, C, h, w)}; the kept region is re-noised to each step's level and pasted back
     (diffusers' StableDiffusionControlNetInpaintPipeline). A 9-channel inpainting UNet instead gets
     {"mask", "masked_image_latents"} concatenated to its input.
+    ``regions`` (regional prompts): {"text": (R*B, T, D), "weights": (R, B, 1, h, w)[, "text_embeds":
+    (R*B, P)]}: R more blocks of B rows go through the UNet and ControlNets with their own prompts,
+    and their predictions replace the main prompt's inside their weights (``compose_regions``).
     """
     unet = base.unet
     cfg = guidance > 1
     n = len(timesteps)
+    b = latents.shape[0]
+    blocks = (2 if cfg else 1) + (regions["weights"].shape[0] if regions else 0)  # row blocks of B per UNet call
+    if regions:  # (k*B, ...) rows: [uncond;] cond; region 1; ...; region R
+        text = torch.cat([text, regions["text"].to(text.dtype)])
+        if added:
+            added = {"text_embeds": torch.cat([added["text_embeds"], regions["text_embeds"].to(text.dtype)]),
+                     "time_ids": added["time_ids"][:b].repeat(blocks, 1)}
     # only stochastic samplers (DDPM, Euler a, ...) take a generator
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
-        model_in = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, h, w)
+        model_in = torch.cat([latents] * blocks) if blocks > 1 else latents  # (k*B, C, h, w)
         model_in = scheduler.scale_model_input(model_in, t)
         if inpaint is not None and unet.config.in_channels == 9:
             extra = torch.cat([inpaint["mask"], inpaint["masked_image_latents"]], dim=1)  # (B, 5, h, w)
-            unet_in = torch.cat([model_in, torch.cat([extra] * 2) if cfg else extra], dim=1)
+            unet_in = torch.cat([model_in, extra.repeat(blocks, 1, 1, 1)], dim=1)
         else:
             unet_in = model_in
-        residuals = control_residuals(controls, i, n, model_in, t, text, added, cfg)
+        residuals = control_residuals(controls, i, n, model_in, t, text, added, b if cfg else 0)
         pred = controlled_unet_forward(unet, unet_in.to(unet.dtype), t, text.to(unet.dtype), residuals,
                                        added_cond_kwargs=added).float()
+        if regions:  # the conditional block becomes the composition of the main and the region prompts
+            main_rows = (2 if cfg else 1) * b
+            pred_regions = pred[main_rows:].reshape(blocks - main_rows // b, b, *pred.shape[1:])  # (R, B, C, h, w)
+            cond = compose_regions(pred[main_rows - b:main_rows], pred_regions, regions["weights"])
+            pred = torch.cat([pred[:b], cond]) if cfg else cond
         if cfg:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance * (pred_cond - pred_uncond)

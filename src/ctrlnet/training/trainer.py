@@ -74,8 +74,11 @@ class Trainer:
     def __init__(self, config: TrainConfig, progress: bool = True, base=None):
         """``base``: an already loaded ``BaseModel`` to use instead of loading ``config.base``."""
         from accelerate import Accelerator
+        from ..allocator import retain_freed_memory
         self.started = time.time()  # the wall-time budget counts loading and caching too
         self.config = c = config.validate()
+        if c.retain_cpu_memory:  # before the first large allocation; process-wide (see ctrlnet.allocator)
+            retain_freed_memory()
         # cpu=True when there is no accelerator: accelerate then runs several processes (torchrun /
         # accelerate launch) as MULTI_CPU over gloo instead of as independent single processes.
         self.acc = Accelerator(mixed_precision=c.mixed_precision, cpu=c.cpu or not has_accelerator())
