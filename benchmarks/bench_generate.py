@@ -97,8 +97,8 @@ def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float,
     return unet, control
 
 
-def timed(run, steps: int, device: torch.device) -> float:
-    """Seconds per denoising step: a 1-step warm-up call, then ``steps`` steps from the call's start to
+def timed(run, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds, minor page faults) per denoising step: a 1-step warm-up call, then ``steps`` steps from the call's start to
     the last step's callback (prompt encoding and hint features, done once, are included; decoding is not)."""
     run(1, lambda: None)
     stamps = []

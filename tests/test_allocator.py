@@ -34,9 +34,10 @@ def churn(setting: str) -> dict:
 def test_retained_memory_is_reused_without_page_faults():
     system, retain = churn("system"), churn("retain")
     assert not system["applied"] and retain["applied"]
-    pages = 48 * 2**20 // 4096
-    assert system["faults"] > 10 * pages  # every iteration maps and faults in 48 MiB afresh
-    assert retain["faults"] < 3 * pages  # the freed block is reused (measured: 0)
+    # glibc's default maps and faults in the 48 MiB afresh every iteration (12,288 4-KiB pages each
+    # here; fewer with larger pages or transparent huge pages); retained, the block is reused (0 here)
+    assert system["faults"] >= 20
+    assert retain["faults"] * 10 < system["faults"]
 
 
 def test_bad_setting_names_the_variable(monkeypatch):

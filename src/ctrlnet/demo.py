@@ -85,7 +85,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="outputs/demo")
     args = parser.parse_args()
-    retain_freed_memory()  # reuse freed CPU memory across steps (ctrlnet.allocator)
+    try:
+        retain_freed_memory()  # reuse freed CPU memory across steps (ctrlnet.allocator)
+    except ValueError as e:
+        raise SystemExit(f"demo: error: {e}")
     out = Path(args.out)
     if (NANO_SD / "model_index.json").is_file():
         nano_text_to_image(out)

@@ -84,3 +84,17 @@ def test_cli_region(tmp_path):
     r = subprocess.run([str(exe), "generate", "--prompt", "x", "--region", "missing.png=a circle", "--steps", "1",
                         "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert r.returncode == 2 and "mask file missing.png not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_small_masks_are_resized_as_areas_not_thinned_like_edges(bases):
+    """A sparse white-on-black mask looks like an edge map; it must keep its area when resized."""
+    from ctrlnet.pipeline.images import resize_plain, resize_to
+    pipe = Pipeline(load_base(bases["sd15"]))
+    small = np.zeros((32, 32), np.uint8)
+    small[8:16, 8:16] = 255  # 1/16 of the image
+    batch = pipe.region_batch(Region("a blue square", small), 1, 1, 64, 64)  # a single Region is accepted
+    w = batch["weights"]  # (1, 1, 1, 8, 8) on the latent grid
+    assert w.shape == (1, 1, 1, 8, 8) and abs(float(w.sum()) - 64 / 16) < 0.5
+    assert float(w[0, 0, 0, 2:4, 2:4].min()) > 0.9  # the square's interior is fully inside
+    big = resize_to(np.repeat(small[:, :, None], 3, 2), 64, 64, resize=resize_plain)[..., 0]
+    assert abs((big > 127).mean() - 1 / 16) < 0.01  # the inpainting mask path: same rule

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..base import BaseModel, load_base
 from ..models.controlnet import ControlNet
-from .images import RESIZE_MODES, load_image, resize_to, round_size, to_rgb
+from .images import RESIZE_MODES, load_image, resize_plain, resize_to, round_size, to_rgb
 from .sampling import CONTROL_MODES, ActiveControl, decode, denoise, encode_image, encode_text, sdxl_time_ids
 from .schedulers import make_scheduler, sampler_label
 from .text_to_image import initial_noise
@@ -76,14 +76,16 @@ class Control:
 class Region:
     """Regional prompting: inside ``mask`` the conditional noise prediction comes from ``prompt``
     instead of the main prompt ("latent couple"; A1111's Regional Prompter / Latent Couple, ComfyUI's
-    masked conditioning). ``mask``: a path, PIL image or (H, W[, C]) array, resized like the
-    conditions; white = inside, grey = partly (averaged down to the latent grid, so edges blend).
+    masked conditioning). ``mask``: a path, PIL image or (H, W[, C]) array, resized to the output
+    size by ``resize_mode`` (as a control's image: give the same mode as the controls); white =
+    inside, grey = partly (averaged down to the latent grid, so edges blend).
     The ControlNets act on each region's rows as on the main prompt's. Cost: one more UNet and
     ControlNet batch per region per step. Typical use: one object per region, to bind attributes
     ("a red circle" here, "a blue square" there) that a single prompt mixes up."""
 
     prompt: str
     mask: Any
+    resize_mode: str = "crop_and_resize"
 
 
 @dataclass
@@ -243,7 +245,7 @@ class Pipeline:
                  seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
                  scheduler: str = "ddim", init_image: Any = None, strength: float = 1.0, mask: Any = None,
                  progress: bool = False, callback=None, output_type: str = "pil",
-                 regions: Sequence[Region] | Sequence[Sequence[Region]] = ()) -> Result:
+                 regions: Region | Sequence[Region] | Sequence[Sequence[Region]] = ()) -> Result:
         """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
         the base's own (nano: 2.5 / 0.7, a zero-terminal-SNR model; others 7.5 / 0).
         ``regions``: ``Region``s for every prompt, or one list of them per prompt.
@@ -284,7 +286,8 @@ class Pipeline:
         mask_rs = None
         if mask is not None:
             m = as_rgb(mask, "mask").max(axis=2)
-            mask_rs = (resize_to(np.repeat(m[:, :, None], 3, 2), width, height)[..., 0] > 127).astype(np.float32)
+            mask_rs = (resize_to(np.repeat(m[:, :, None], 3, 2), width, height, resize=resize_plain)[..., 0]
+                       > 127).astype(np.float32)
         # 4. Conditions and their hint features, once per generation.
         maps, actives = [], []
         n_prompts = b // num_images
@@ -361,6 +364,8 @@ class Pipeline:
     def region_batch(self, regions, n_prompts: int, num_images: int, width: int, height: int) -> dict | None:
         """The loop's ``regions`` dict: R region prompts per image (padded with "" and an empty mask
         where a prompt has fewer), their text embeddings (R*B, T, D) and latent-grid weights (R, B, 1, h, w)."""
+        if isinstance(regions, Region):
+            regions = [regions]
         if not regions:
             return None
         per_prompt = [list(regions)] * n_prompts if isinstance(regions[0], Region) else [list(r) for r in regions]
@@ -380,7 +385,7 @@ class Pipeline:
                     raise ValueError(f"regions: item {r} of prompt {p} is a {type(region).__name__}, not a Region")
                 texts[r][p] = region.prompt
                 m = as_rgb(region.mask, f"region {r} mask").max(axis=2)  # (H, W) uint8
-                m = resize_to(np.repeat(m[:, :, None], 3, 2), width, height)[..., 0]
+                m = resize_to(np.repeat(m[:, :, None], 3, 2), width, height, region.resize_mode, resize_plain)[..., 0]
                 m = torch.from_numpy(m.astype(np.float32) / 255)[None, None]  # (1, 1, H, W)
                 weights[r, p] = torch.nn.functional.interpolate(m, size=weights.shape[-2:], mode="area")[0]
         self.warn_long_prompts([t for row in texts for t in row])

@@ -146,23 +146,32 @@ def resize_any(a: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.resize(a, (w, h), interpolation=cv2.INTER_LANCZOS4 if up else cv2.INTER_AREA)
 
 
-def resize_to(a: np.ndarray, width: int, height: int, mode: str = "crop_and_resize") -> np.ndarray:
-    """(H, W, 3) uint8 -> (height, width, 3) uint8 by one of ``RESIZE_MODES``."""
+def resize_plain(a: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Plain interpolation, for masks: a sparse white-on-black mask is not an edge map to thin."""
+    if a.shape[1] == w and a.shape[0] == h:
+        return a
+    up = w * h > a.shape[0] * a.shape[1]
+    return cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR if up else cv2.INTER_AREA)
+
+
+def resize_to(a: np.ndarray, width: int, height: int, mode: str = "crop_and_resize", resize=resize_any) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8 by one of ``RESIZE_MODES``; ``resize`` scales
+    (content-aware by default; ``resize_plain`` for masks)."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; use one of {', '.join(RESIZE_MODES)}")
     h, w = a.shape[:2]
     if mode == "just_resize" or (h, w) == (height, width):
-        return resize_any(a, width, height)
+        return resize(a, width, height)
     if mode == "crop_and_resize":
         k = max(width / w, height / h)
         nw, nh = max(width, round(w * k)), max(height, round(h * k))
-        r = resize_any(a, nw, nh)
+        r = resize(a, nw, nh)
         y, x = (nh - height) // 2, (nw - width) // 2
         return np.ascontiguousarray(r[y:y + height, x:x + width])
     # resize_and_fill
     k = min(width / w, height / h)
     nw, nh = min(width, max(1, round(w * k))), min(height, max(1, round(h * k)))
-    r = resize_any(a, nw, nh)
+    r = resize(a, nw, nh)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     out = np.empty((height, width, 3), np.uint8)
     out[:] = np.median(border, axis=0).astype(np.uint8)

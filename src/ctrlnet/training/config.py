@@ -79,7 +79,7 @@ class TrainConfig:
     cpu: bool = False  # train on the CPU even when a GPU is present
     cache: bool = True  # VAE latents and text embeddings computed once, stored under cache_dir
     cache_dir: str = ""  # "" = output_dir/cache; share one folder between runs on the same images and base
-    retain_cpu_memory: bool = True  # keep freed CPU memory for reuse (glibc): no page faults per step; ctrlnet.allocator
+    retain_cpu_memory: bool = True  # training on the CPU: keep freed memory for reuse (glibc; ctrlnet.allocator)
     # --- never lose work
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 3

@@ -77,11 +77,11 @@ class Trainer:
         from ..allocator import retain_freed_memory
         self.started = time.time()  # the wall-time budget counts loading and caching too
         self.config = c = config.validate()
-        if c.retain_cpu_memory:  # before the first large allocation; process-wide (see ctrlnet.allocator)
-            retain_freed_memory()
         # cpu=True when there is no accelerator: accelerate then runs several processes (torchrun /
         # accelerate launch) as MULTI_CPU over gloo instead of as independent single processes.
         self.acc = Accelerator(mixed_precision=c.mixed_precision, cpu=c.cpu or not has_accelerator())
+        if c.retain_cpu_memory and self.acc.device.type == "cpu":  # process-wide, before the models load
+            retain_freed_memory()
         self.progress = progress and self.acc.is_main_process
         self.out = Path(c.output_dir)
         self.ckpt_root = self.out / "checkpoints"
