@@ -7,7 +7,9 @@ ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 
 - ``diffusers fp32``: diffusers' pipeline with its default dtype (fp32);
-- ``ctrlnet fp32`` / ``ctrlnet bf16`` / ``ctrlnet fp16``: ours (weights and compute in that dtype);
+- ``ctrlnet fp32`` / ``ctrlnet bf16`` / ``ctrlnet fp16``: ours (weights and compute in that dtype;
+  on a CPU in fp32 with its default packed weights, ``ctrlnet.prepack``);
+- ``ctrlnet fp32 unpacked`` (CPU): ours with ``packed_weights=False`` (PyTorch's plain kernels);
 - ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 
@@ -187,20 +189,24 @@ def main() -> None:
                 prompt, image=cond, num_inference_steps=n, guidance_scale=7.5, height=res, width=res,
                 output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1])
             pipes = []  # kept alive for the rounds
-            variants = [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if args.channels_last else [])
-            for dtype, nhwc in variants:
+            variants = [(d, False, None) for d in dtypes] + ([(d, True, None) for d in dtypes] if args.channels_last else [])
+            if device.type == "cpu" and "fp32" in dtypes:  # the default (packed weights) against plain kernels
+                variants.insert(dtypes.index("fp32") + 1, ("fp32", False, False))
+            for dtype, nhwc, packed in variants:
                 torch_dtype = torch_dtypes[dtype]
                 b, n = (base, net) if dtype == "fp32" and not nhwc else (copy.deepcopy(base).to(dtype=torch_dtype),
                                                                           copy.deepcopy(net))
-                pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc)
+                pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc, packed_weights=packed)
                 pipes.append(pipe)
-                label = f"{dtype} channels_last" if nhwc else dtype
+                label = f"{dtype} channels_last" if nhwc else f"{dtype} unpacked" if packed is False else dtype
                 image = np.asarray(cond)
 
                 def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
                     return pipe(prompt, controls=list(controls), steps=k, callback=lambda i: cb(), guidance=7.5,
                                 guidance_rescale=0.0, width=res, height=res, output_type="latent")
                 runs[f"ctrlnet {label}"] = run
+                if packed is False:
+                    continue
                 runs[f"ctrlnet {label} base only"] = lambda k, cb, run=run: run(k, cb, controls=())
                 runs[f"ctrlnet {label} end=0.5"] = lambda k, cb, run=run: run(
                     k, cb, controls=(Control("net", image, end=0.5),))
@@ -212,6 +218,10 @@ def main() -> None:
                     times[mode].append(seconds)
                     faults[mode].append(step_faults)
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
+            for pipe in pipes:  # the memory packed weights cost: one more copy of each conv / linear weight
+                if pipe.packed is not None:
+                    print(json.dumps({"resolution": res, "packed_weights": len(pipe.packed),
+                                      "packed_gib": round(pipe.packed.nbytes / 2 ** 30, 2)}), flush=True)
             del ref, pipes, runs, run, pipe, b, n  # free the dtype copies before the next resolution
             for d in dict.fromkeys(["fp32", *dtypes]):  # the machine drifts: probe again, keep the higher peak
                 again = matmul_peak_gflops(torch_dtypes[d], device)

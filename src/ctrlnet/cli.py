@@ -78,7 +78,8 @@ def cmd_generate(args) -> None:
     regions = [parse_region(r) for r in args.region]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # library chatter; our own warnings are printed below
-        pipe = Pipeline.from_pretrained(args.base, controlnets=[c.model for c in controls], dtype=args.dtype)
+        pipe = Pipeline.from_pretrained(args.base, controlnets=[c.model for c in controls], dtype=args.dtype,
+                                        packed_weights=False if args.no_packed_weights else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipe(args.prompt, controls=controls, negative_prompt=args.negative_prompt, steps=args.steps,
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--no-packed-weights", action="store_true",
+                   help="CPU fp32: use PyTorch's plain kernels instead of keeping a packed copy of the weights "
+                        "(slower; saves that copy's memory)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=1.0, help="img2img: how much of the init image to redo")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")

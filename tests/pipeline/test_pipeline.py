@@ -1,6 +1,8 @@
 """The generation pipeline on tiny real models: parity with diffusers, control semantics (scale,
 start/end, modes, several nets), samplers, img2img, inpainting, outputs and bad input."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,7 @@ def test_latents_equal_diffusers_controlnet_pipeline(bases, tmp_path, family, st
                  output_type="latent").latents
     assert (ours - plain).abs().max() > 1e-3  # the control does something
     assert (ours - expected).abs().max() <= 1e-4
+    assert pipe.packed is not None and len(pipe.packed) > 0  # on the CPU in fp32: through packed weights
 
 
 def test_start_end_scale_zero_and_control_mode_skip_work(bases):
@@ -144,7 +147,8 @@ def test_img2img_and_inpainting(bases):
     mask[:, 32:] = 255
     from ctrlnet.pipeline.sampling import encode_image
     x = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
-    init_latents = encode_image(base, x)
+    with pipe.packed.active() if pipe.packed is not None else contextlib.nullcontext():  # the pipeline's kernels
+        init_latents = encode_image(base, x)
     light = pipe("a red square", init_image=init, strength=0.25, steps=8, seed=0, output_type="latent").latents
     full = pipe("a red square", init_image=init, strength=1.0, steps=8, seed=0, output_type="latent").latents
     assert (light - init_latents).abs().mean() < (full - init_latents).abs().mean()
@@ -227,6 +231,30 @@ def test_channels_last_gives_the_same_latents(bases):
         latents.append(pipe("a circle", controls=[Control("net", condition())], steps=3, guidance=5.0, seed=1,
                             output_type="latent").latents)
     assert torch.allclose(latents[0], latents[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_packed_weights_give_the_same_latents(bases, family):
+    """ctrlnet.prepack (the CPU fp32 default) changes kernels, not results; it can be turned off and
+    is refused where it does not apply."""
+    from ctrlnet import prepack
+    if not prepack.available():
+        pytest.skip("PyTorch built without oneDNN")
+    latents = []
+    for packed in (False, True):
+        base = load_base(bases[family])
+        torch.manual_seed(0)  # the hint encoder's random init
+        pipe = Pipeline(base, {"net": trained_looking(base)}, packed_weights=packed)
+        assert (pipe.packed is not None) == packed
+        latents.append(pipe("a circle", controls=[Control("net", condition())], steps=3, guidance=5.0, seed=1,
+                            output_type="latent").latents)
+    assert len(pipe.packed) > 0  # the conv / linear weights of the text encoder, the UNet and the ControlNet
+    assert torch.allclose(latents[0], latents[1], atol=1e-4)
+    assert Pipeline(load_base(bases[family]), dtype=torch.float32).packed is not None  # default: on
+    base = load_base(bases[family]).to(dtype=torch.bfloat16)
+    assert Pipeline(base, dtype=torch.bfloat16).packed is None  # bf16: plain kernels
+    with pytest.raises(ValueError, match="packed_weights=True needs the CPU, fp32"):
+        Pipeline(base, dtype=torch.bfloat16, packed_weights=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_checks.sh runs it)")

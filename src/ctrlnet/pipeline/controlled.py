@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from PIL import Image
 
 from ..base import BaseModel, load_base
 from ..models.controlnet import ControlNet
+from ..prepack import PackedWeights
+from ..prepack import available as packing_available
 from .images import RESIZE_MODES, load_image, resize_plain, resize_to, round_size, to_rgb
 from .sampling import CONTROL_MODES, ActiveControl, decode, denoise, encode_image, encode_text, sdxl_time_ids
 from .schedulers import make_scheduler, sampler_label
@@ -135,16 +139,34 @@ def resolve_base(base: str | Path | BaseModel, dtype: torch.dtype = torch.float3
     return load_base(base, dtype=dtype)
 
 
+def _with_packed_weights(method):
+    """Run ``method`` with the pipeline's packed CPU weights in use (when it has them)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.packed.active() if self.packed is not None else contextlib.nullcontext():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Pipeline:
     """A locked base plus ControlNets, loaded once; call it to generate."""
 
     def __init__(self, base: BaseModel, controlnets: dict[str, ControlNet] | None = None,
-                 dtype: torch.dtype = torch.float32, name: str = "", channels_last: bool = False):
+                 dtype: torch.dtype = torch.float32, name: str = "", channels_last: bool = False,
+                 packed_weights: bool | None = None):
         """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
-        the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it)."""
+        the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it).
+        ``packed_weights``: on a CPU in fp32, keep a oneDNN-packed copy of every convolution and
+        linear weight instead of repacking it at every call (``ctrlnet.prepack``; faster, costs a
+        second copy of those weights in memory); None = on where that applies."""
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
+        cpu_fp32 = base.unet.device.type == "cpu" and dtype == torch.float32 and packing_available()
+        if packed_weights and not cpu_fp32:
+            raise ValueError("packed_weights=True needs the CPU, fp32 and a PyTorch with oneDNN "
+                             f"(here: {base.unet.device.type}, {dtype}, oneDNN {packing_available()})")
+        self.packed = PackedWeights() if (cpu_fp32 if packed_weights is None else packed_weights) else None
         if channels_last:
             base.unet.to(memory_format=torch.channels_last)
         self.name = name or Path(str(base.source)).name
@@ -155,9 +177,10 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, base: str | Path | BaseModel = "nano", controlnets: Sequence[Any] = (),
                         dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
-                        channels_last: bool = False) -> "Pipeline":
+                        channels_last: bool = False, packed_weights: bool | None = None) -> "Pipeline":
         """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint; ``controlnets``:
-        names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute)."""
+        names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute);
+        ``packed_weights``: see ``__init__``."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use fp32, bf16 or fp16")
@@ -168,7 +191,8 @@ class Pipeline:
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
                           "fp32; use --dtype fp32", stacklevel=2)
         pipe = cls(resolve_base(base).to(device, torch_dtype), dtype=torch_dtype,
-                   name="nano" if str(base) == "nano" else "", channels_last=channels_last)
+                   name="nano" if str(base) == "nano" else "", channels_last=channels_last,
+                   packed_weights=packed_weights)
         for net in controlnets:
             pipe.controlnet(net)
         return pipe
@@ -240,6 +264,7 @@ class Pipeline:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
+    @_with_packed_weights
     def __call__(self, prompt: str | list[str], controls: Sequence[Control] = (), negative_prompt: str = "",
                  steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
                  seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,

@@ -1,0 +1,129 @@
+"""Prepacked oneDNN weights for CPU inference.
+
+PyTorch's CPU convolution (``aten::mkldnn_convolution``) reorders its weight from the plain OIHW
+layout into oneDNN's blocked layout on every call. For the UNet's deep layers at small latent
+sizes that reorder costs more than the arithmetic: a 1280->1280 3x3 convolution on a 4x4 latent
+(SD1.5 at 256 px, batch 2) ran at 20 GFLOPS on this project's 2-vCPU machine, and at 118 GFLOPS
+with its weight packed once (``benchmarks/bench_generate.py``, BENCHMARKS.md). Linear layers gain
+less (10-50%, most at few rows).
+
+``PackedWeights`` keeps one packed copy per weight (made on first use, made again when the weight
+changes in place or meets another input shape) and, inside ``with packed.active():``, a
+``TorchFunctionMode`` (per thread) routes ``F.conv2d`` and
+``F.linear`` calls whose weight it can pack to oneDNN's prepacked kernels; every other call runs
+unchanged. Nothing is patched: the modules, their state dicts and any other user of the same
+model (diffusers' own pipeline, a trainer) are untouched, and outside the ``with`` block nothing
+changes. The cost is memory: a second copy of every packed weight (``packed.nbytes``).
+
+Used by ``ctrlnet.Pipeline`` on the CPU in fp32 (``packed_weights=True`` by default there). Results
+differ from the plain kernels by float rounding only (~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def available() -> bool:
+    """oneDNN's prepacked convolution and linear kernels exist in this PyTorch build."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _ints(v, n: int = 2) -> list[int] | None:
+    if isinstance(v, int):
+        return [v] * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) for i in v):
+        return list(v)
+    return None  # e.g. padding="same": left to the plain kernel
+
+
+class PackedWeights:
+    """Packed copies of conv2d / linear weights and the mode that uses them (see the module doc).
+
+    ``dtypes``: the weight dtypes to pack (default float32; bf16 gains only where the CPU has
+    native bf16). ``linear``: pack linear layers too.
+    """
+
+    def __init__(self, dtypes: tuple[torch.dtype, ...] = (torch.float32,), linear: bool = True):
+        self.dtypes = dtypes
+        self.linear = linear
+        # id(weight) -> (weakref to it, its version, the input shape packed for, packed copy)
+        self._cache: dict[int, tuple[weakref.ref, int, tuple, torch.Tensor]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed copies of weights still alive."""
+        return sum(p.numel() * p.element_size() for w, _, _, p in self._cache.values() if w() is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for w, _, _, _ in self._cache.values() if w() is not None)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def active(self) -> TorchFunctionMode:
+        """A context manager: inside it (on this thread), conv2d / linear calls use packed weights."""
+        return _Mode(self)
+
+    def _usable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+                and weight.dtype in self.dtypes and weight.layout == torch.strided and x.layout == torch.strided
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+    def _packed(self, weight: torch.Tensor, shape: tuple, pack) -> torch.Tensor:
+        """The packed copy of ``weight`` for inputs of ``shape``: oneDNN picks the blocked layout for
+        the input size (without it a 320-channel 3x3 convolution on 32x32 ran 2.6x slower), so a
+        weight seen with another input shape, or changed in place, is packed again."""
+        key = id(weight)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2] == shape:
+            return hit[3]
+        packed = pack(weight.detach())
+        ref = weakref.ref(weight, lambda _, key=key, cache=self._cache: cache.pop(key, None))
+        self._cache[key] = (ref, weight._version, shape, packed)
+        return packed
+
+    def conv2d(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        """``F.conv2d`` through a packed weight, or None where the plain kernel must run."""
+        stride, padding, dilation = _ints(stride), _ints(padding), _ints(dilation)
+        if (None in (stride, padding, dilation) or x.dim() != 4 or weight.dim() != 4 or not self._usable(x, weight)
+                or (bias is not None and bias.dtype != x.dtype)):
+            return None
+        packed = self._packed(weight, tuple(x.shape), lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.to_mkldnn(), padding, stride, dilation, groups, list(x.shape)))
+        # oneDNN returns its preferred layout (channels-last); the next layers accept either
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
+                                                       "none", [], "")
+
+    def linear_(self, x, weight, bias=None):
+        """``F.linear`` through a packed weight, or None where the plain kernel must run."""
+        if not self.linear or weight.dim() != 2 or x.dim() < 2 or not self._usable(x, weight) \
+                or (bias is not None and bias.dtype != x.dtype):
+            return None
+        rows = x.numel() // x.shape[-1]
+        packed = self._packed(weight, (rows,), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, packed: PackedWeights):
+        super().__init__()
+        self.packed = packed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            out = self.packed.conv2d(*args, **kwargs)
+            if out is not None:
+                return out
+        elif func is F.linear:
+            out = self.packed.linear_(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)

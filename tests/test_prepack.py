@@ -1,0 +1,117 @@
+"""Packed oneDNN weights for CPU inference (ctrlnet.prepack): same results as PyTorch's plain
+kernels, used only where they apply, repacked when a weight changes, nothing left behind."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrlnet import prepack
+from ctrlnet.prepack import PackedWeights
+
+pytestmark = pytest.mark.skipif(not prepack.available(), reason="PyTorch built without oneDNN")
+
+
+def ops_run(fn) -> set[str]:
+    """Names of the operators ``fn`` runs on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    ({"kernel_size": 3, "padding": 1}, (2, 8, 9, 7)),
+    ({"kernel_size": 3, "stride": 2, "padding": 1}, (1, 8, 16, 16)),
+    ({"kernel_size": 1, "bias": False}, (3, 8, 5, 5)),
+    ({"kernel_size": 3, "padding": 1, "groups": 2}, (2, 8, 6, 6)),
+    ({"kernel_size": 3, "dilation": 2, "padding": 2}, (1, 8, 10, 10)),
+])
+def test_conv2d_matches_plain_kernel(kwargs, shape):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, **kwargs).eval()
+    x = torch.randn(shape)
+    packed = PackedWeights()
+    with torch.no_grad():
+        expected = conv(x)
+        with packed.active():
+            got = conv(x)
+            ops = ops_run(lambda: conv(x))
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::mkldnn_convolution" not in ops
+    assert len(packed) == 1 and packed.nbytes > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # channels-last and strided (non-contiguous) inputs give the same values
+    wide = torch.randn(shape[0], 16, *shape[2:])
+    with torch.no_grad():
+        expected_strided = conv(wide[:, ::2].contiguous())
+        with packed.active():
+            torch.testing.assert_close(conv(x.to(memory_format=torch.channels_last)), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(conv(wide[:, ::2]), expected_strided, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (2, 7, 16), (1, 16)])
+def test_linear_matches_plain_kernel(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24).eval()
+    x = torch.randn(shape)
+    packed = PackedWeights()
+    with torch.no_grad():
+        expected = linear(x)
+        with packed.active():
+            got = linear(x)
+            ops = ops_run(lambda: linear(x))
+    assert "mkldnn::_linear_pointwise" in ops
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_packing_can_be_left_out():
+    linear = nn.Linear(16, 24).eval()
+    packed = PackedWeights(linear=False)
+    with torch.no_grad(), packed.active():
+        ops = ops_run(lambda: linear(torch.randn(3, 16)))
+    assert "mkldnn::_linear_pointwise" not in ops and len(packed) == 0
+
+
+def test_weight_changed_in_place_or_new_shape_is_repacked():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1).eval()
+    x = torch.randn(1, 4, 8, 8)
+    packed = PackedWeights()
+    with torch.no_grad(), packed.active():
+        conv(x)
+        conv.weight.mul_(2)  # e.g. a training step between two monitor samples
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+        y = torch.randn(2, 4, 5, 6)  # another input shape: packed again for it, same values
+        torch.testing.assert_close(conv(y), F.conv2d(y, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+    assert len(packed) == 1
+
+
+def test_not_used_for_training_fp64_or_outside_the_context():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8)
+    packed = PackedWeights()
+    with packed.active():  # gradients needed: the plain kernel, and gradients flow
+        conv(x).sum().backward()
+    assert conv.weight.grad is not None and len(packed) == 0
+    with torch.no_grad(), packed.active():
+        conv.double()(x.double())  # not a packed dtype
+    assert len(packed) == 0
+    conv.float()
+    with torch.no_grad():
+        ops = ops_run(lambda: conv(x))  # outside the context: PyTorch's own kernel
+    assert "aten::mkldnn_convolution" in ops or "aten::_convolution" in ops
+    assert "mkldnn::_convolution_pointwise" not in ops
+
+
+def test_packed_copy_freed_with_its_weight():
+    packed = PackedWeights()
+    conv = nn.Conv2d(4, 4, 3).eval()
+    with torch.no_grad(), packed.active():
+        conv(torch.randn(1, 4, 6, 6))
+    assert len(packed) == 1
+    del conv
+    gc.collect()
+    assert len(packed) == 0 and packed._cache == {}
