@@ -10,6 +10,7 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 - ``ctrlnet fp32`` / ``ctrlnet bf16`` / ``ctrlnet fp16``: ours (weights and compute in that dtype;
   on a CPU in fp32 with its default packed weights, ``ctrlnet.prepack``);
 - ``ctrlnet fp32 unpacked`` (CPU): ours with ``packed_weights=False`` (PyTorch's plain kernels);
+  ``ctrlnet fp32 packed convs only``: convolution weights packed, linear layers on plain kernels;
 - ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 
@@ -144,6 +145,7 @@ def main() -> None:
     from ctrlnet.formats import save_controlnet
     from ctrlnet.models import ControlNet
     from ctrlnet.pipeline import Control, Pipeline
+    from ctrlnet.prepack import PackedWeights
     torch.set_grad_enabled(False)
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.dtypes:
@@ -191,21 +193,23 @@ def main() -> None:
             pipes = []  # kept alive for the rounds
             variants = [(d, False, None) for d in dtypes] + ([(d, True, None) for d in dtypes] if args.channels_last else [])
             if device.type == "cpu" and "fp32" in dtypes:  # the default (packed weights) against plain kernels
-                variants.insert(dtypes.index("fp32") + 1, ("fp32", False, False))
+                variants[dtypes.index("fp32") + 1:dtypes.index("fp32") + 1] = [
+                    ("fp32", False, False), ("fp32", False, PackedWeights(linear=False))]
             for dtype, nhwc, packed in variants:
                 torch_dtype = torch_dtypes[dtype]
                 b, n = (base, net) if dtype == "fp32" and not nhwc else (copy.deepcopy(base).to(dtype=torch_dtype),
                                                                           copy.deepcopy(net))
                 pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc, packed_weights=packed)
                 pipes.append(pipe)
-                label = f"{dtype} channels_last" if nhwc else f"{dtype} unpacked" if packed is False else dtype
+                label = (f"{dtype} channels_last" if nhwc else f"{dtype} unpacked" if packed is False
+                         else f"{dtype} packed convs only" if packed is not None else dtype)
                 image = np.asarray(cond)
 
                 def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
                     return pipe(prompt, controls=list(controls), steps=k, callback=lambda i: cb(), guidance=7.5,
                                 guidance_rescale=0.0, width=res, height=res, output_type="latent")
                 runs[f"ctrlnet {label}"] = run
-                if packed is False:
+                if packed is not None:  # the variants: controlled only
                     continue
                 runs[f"ctrlnet {label} base only"] = lambda k, cb, run=run: run(k, cb, controls=())
                 runs[f"ctrlnet {label} end=0.5"] = lambda k, cb, run=run: run(

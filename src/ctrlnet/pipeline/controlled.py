@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,26 +138,18 @@ def resolve_base(base: str | Path | BaseModel, dtype: torch.dtype = torch.float3
     return load_base(base, dtype=dtype)
 
 
-def _with_packed_weights(method):
-    """Run ``method`` with the pipeline's packed CPU weights in use (when it has them)."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self.packed.active() if self.packed is not None else contextlib.nullcontext():
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
 class Pipeline:
     """A locked base plus ControlNets, loaded once; call it to generate."""
 
     def __init__(self, base: BaseModel, controlnets: dict[str, ControlNet] | None = None,
                  dtype: torch.dtype = torch.float32, name: str = "", channels_last: bool = False,
-                 packed_weights: bool | None = None):
+                 packed_weights: bool | PackedWeights | None = None):
         """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
         the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it).
-        ``packed_weights``: on a CPU in fp32, keep a oneDNN-packed copy of every convolution and
-        linear weight instead of repacking it at every call (``ctrlnet.prepack``; faster, costs a
-        second copy of those weights in memory); None = on where that applies."""
+        ``packed_weights``: on a CPU in fp32, the denoising loop keeps a oneDNN-packed copy of every
+        UNet and ControlNet convolution and linear weight instead of repacking it at every call
+        (``ctrlnet.prepack``; faster, costs a second copy of those weights in memory); None = on
+        where that applies; a ``PackedWeights`` to choose what it packs."""
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
@@ -166,7 +157,10 @@ class Pipeline:
         if packed_weights and not cpu_fp32:
             raise ValueError("packed_weights=True needs the CPU, fp32 and a PyTorch with oneDNN "
                              f"(here: {base.unet.device.type}, {dtype}, oneDNN {packing_available()})")
-        self.packed = PackedWeights() if (cpu_fp32 if packed_weights is None else packed_weights) else None
+        if isinstance(packed_weights, PackedWeights):
+            self.packed = packed_weights
+        else:
+            self.packed = PackedWeights() if (cpu_fp32 if packed_weights is None else packed_weights) else None
         if channels_last:
             base.unet.to(memory_format=torch.channels_last)
         self.name = name or Path(str(base.source)).name
@@ -264,7 +258,6 @@ class Pipeline:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    @_with_packed_weights
     def __call__(self, prompt: str | list[str], controls: Sequence[Control] = (), negative_prompt: str = "",
                  steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
                  seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
@@ -369,8 +362,11 @@ class Pipeline:
                 bar.update(1)
             if callback is not None:
                 callback(i)
-        latents = denoise(base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
-                          generator=gen, inpaint=inpaint, callback=on_step, regions=region_batch)
+        # packed weights in the loop only: the text encoder and the VAE run once per call, where a
+        # packed copy would cost memory and save nothing
+        with self.packed.active() if self.packed is not None else contextlib.nullcontext():
+            latents = denoise(base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
+                              generator=gen, inpaint=inpaint, callback=on_step, regions=region_batch)
         if bar is not None:
             bar.close()
         # 8. Decode, with the parameters of each image.
