@@ -3,6 +3,7 @@ ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run
 
     .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
         [--dtypes fp32,bf16,fp16] [--channels-last] [--repeat N] [--allocator system|retain]
+    .venv/bin/python benchmarks/bench_generate.py --peak-rss [--resolutions 512] [--steps 2]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 
@@ -10,7 +11,8 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 - ``ctrlnet fp32`` / ``ctrlnet bf16`` / ``ctrlnet fp16``: ours (weights and compute in that dtype;
   on a CPU in fp32 with its default packed weights, ``ctrlnet.prepack``);
 - ``ctrlnet fp32 unpacked`` (CPU): ours with ``packed_weights=False`` (PyTorch's plain kernels);
-  ``ctrlnet fp32 packed convs only``: convolution weights packed, linear layers on plain kernels;
+  ``ctrlnet fp32 packed convs + linear``: linear layers' weights packed too (the default packs
+  convolutions only);
 - ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 
@@ -29,6 +31,9 @@ than a quarter of fp32; on CPUs without AVX512-BF16/AMX it is skipped and the pe
 GPU fp32, bf16 and fp16. PyTorch's TF32 defaults are kept for both pipelines (matmuls in full fp32,
 cuDNN convolutions in TF32). The matmul peak is probed before and after the timings and the higher
 of the two is used (this machine drifts; a low probe would inflate the fractions).
+
+``--peak-rss`` measures memory instead: the peak RSS of one generation with packed convolution
+weights (the default), with linear weights packed too and unpacked, each in its own process.
 
 ``--allocator retain`` calls ``ctrlnet.allocator.retain_freed_memory()`` first, as ``ctrlnet
 generate`` does: freed CPU memory is kept for reuse instead of being mapped and faulted in again
@@ -123,6 +128,40 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def peak_rss(args) -> None:
+    """``--peak-rss``: what the packed copies cost in memory, as ``ctrlnet generate`` would run
+    (allocator retained, one ControlNet, CFG 7.5, decoding included), one fresh process per variant."""
+    import resource
+    import subprocess
+    res = int(args.resolutions.split(",")[0])
+    if not args.child:
+        for variant in ("packed", "linear", "unpacked"):
+            out = subprocess.run([sys.executable, __file__, "--child", variant, "--resolutions", str(res),
+                                  "--steps", str(args.steps)], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr)
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+        return
+    from ctrlnet.allocator import retain_freed_memory
+    from ctrlnet.models import ControlNet
+    from ctrlnet.pipeline import Control, Pipeline
+    from ctrlnet.prepack import PackedWeights
+    retain_freed_memory()
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = random_sd15_base(Path(tmp))
+        net = ControlNet.from_unet(base.unet).eval()
+        packed = {"packed": None, "linear": PackedWeights(linear=True), "unpacked": False}[args.child]
+        pipe = Pipeline(base, {"net": net}, packed_weights=packed)
+        loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        cond = (np.random.default_rng(0).random((res, res, 3)) > 0.8).astype(np.uint8) * 255
+        pipe("a red circle", controls=[Control("net", cond)], steps=args.steps, guidance=7.5, width=res, height=res)
+        print(json.dumps({"variant": args.child, "resolution": res, "steps": args.steps,
+                          "peak_rss_gib_after_loading": round(loaded, 2),
+                          "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+                          "packed_gib": round(pipe.packed.nbytes / 2 ** 30, 2) if pipe.packed is not None else 0}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolutions", default="256,512")
@@ -134,7 +173,14 @@ def main() -> None:
                         help="also ours with Pipeline(channels_last=True): rows 'ctrlnet DTYPE channels_last'")
     parser.add_argument("--allocator", default="system", choices=["system", "retain"],
                         help="retain: ctrlnet.allocator.retain_freed_memory() for the whole process (see above)")
+    parser.add_argument("--peak-rss", action="store_true",
+                        help="instead of timings: peak RSS of one generation (--steps steps, first resolution) "
+                             "with packed convolutions (the default), convolutions + linear and unpacked, "
+                             "each in a fresh process")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_rss or args.child:
+        return peak_rss(args)
     if args.allocator == "retain":
         from ctrlnet.allocator import retain_freed_memory
         if not retain_freed_memory():
@@ -194,7 +240,7 @@ def main() -> None:
             variants = [(d, False, None) for d in dtypes] + ([(d, True, None) for d in dtypes] if args.channels_last else [])
             if device.type == "cpu" and "fp32" in dtypes:  # the default (packed weights) against plain kernels
                 variants[dtypes.index("fp32") + 1:dtypes.index("fp32") + 1] = [
-                    ("fp32", False, False), ("fp32", False, PackedWeights(linear=False))]
+                    ("fp32", False, False), ("fp32", False, PackedWeights(linear=True))]
             for dtype, nhwc, packed in variants:
                 torch_dtype = torch_dtypes[dtype]
                 b, n = (base, net) if dtype == "fp32" and not nhwc else (copy.deepcopy(base).to(dtype=torch_dtype),
@@ -202,7 +248,7 @@ def main() -> None:
                 pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc, packed_weights=packed)
                 pipes.append(pipe)
                 label = (f"{dtype} channels_last" if nhwc else f"{dtype} unpacked" if packed is False
-                         else f"{dtype} packed convs only" if packed is not None else dtype)
+                         else f"{dtype} packed convs + linear" if packed is not None else dtype)
                 image = np.asarray(cond)
 
                 def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
@@ -222,7 +268,7 @@ def main() -> None:
                     times[mode].append(seconds)
                     faults[mode].append(step_faults)
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
-            for pipe in pipes:  # the memory packed weights cost: one more copy of each conv / linear weight
+            for pipe in pipes:  # the memory packed weights cost: one more copy of each packed weight
                 if pipe.packed is not None:
                     print(json.dumps({"resolution": res, "packed_weights": len(pipe.packed),
                                       "packed_gib": round(pipe.packed.nbytes / 2 ** 30, 2)}), flush=True)

@@ -56,7 +56,7 @@ def test_linear_matches_plain_kernel(shape):
     torch.manual_seed(0)
     linear = nn.Linear(16, 24).eval()
     x = torch.randn(shape)
-    packed = PackedWeights()
+    packed = PackedWeights(linear=True)
     with torch.no_grad():
         expected = linear(x)
         with packed.active():
@@ -67,9 +67,9 @@ def test_linear_matches_plain_kernel(shape):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_packing_can_be_left_out():
+def test_linear_layers_are_not_packed_by_default():
     linear = nn.Linear(16, 24).eval()
-    packed = PackedWeights(linear=False)
+    packed = PackedWeights()
     with torch.no_grad(), packed.active():
         ops = ops_run(lambda: linear(torch.randn(3, 16)))
     assert "mkldnn::_linear_pointwise" not in ops and len(packed) == 0

@@ -5,7 +5,7 @@ layout into oneDNN's blocked layout on every call. For the UNet's deep layers at
 sizes that reorder costs more than the arithmetic: a 1280->1280 3x3 convolution on a 4x4 latent
 (SD1.5 at 256 px, batch 2) ran at 20 GFLOPS on this project's 2-vCPU machine, and at 118 GFLOPS
 with its weight packed once (``benchmarks/bench_generate.py``, BENCHMARKS.md). Linear layers gain
-less (10-50%, most at few rows).
+little in the UNet (MKL's plain GEMM is already efficient there), so they are packed on request only.
 
 ``PackedWeights`` keeps one packed copy per weight (made on first use, made again when the weight
 changes in place or meets another input shape) and, inside ``with packed.active():``, a
@@ -13,7 +13,8 @@ changes in place or meets another input shape) and, inside ``with packed.active(
 ``F.linear`` calls whose weight it can pack to oneDNN's prepacked kernels; every other call runs
 unchanged. Nothing is patched: the modules, their state dicts and any other user of the same
 model (diffusers' own pipeline, a trainer) are untouched, and outside the ``with`` block nothing
-changes. The cost is memory: a second copy of every packed weight (``packed.nbytes``).
+changes. The cost is memory: a second copy of every packed weight (``packed.nbytes``; 3.05 GiB for an
+SD1.5 UNet + ControlNet's convolutions).
 
 Used by ``ctrlnet.Pipeline`` on the CPU in fp32 (``packed_weights=True`` by default there). Results
 differ from the plain kernels by float rounding only (~1e-6 relative).
@@ -46,10 +47,11 @@ class PackedWeights:
     """Packed copies of conv2d / linear weights and the mode that uses them (see the module doc).
 
     ``dtypes``: the weight dtypes to pack (default float32; bf16 gains only where the CPU has
-    native bf16). ``linear``: pack linear layers too.
+    native bf16). ``linear``: pack linear layers too (off by default: on an SD1.5-sized step it
+    saved 1.5% of the time for 1.5 GiB more memory, BENCHMARKS.md).
     """
 
-    def __init__(self, dtypes: tuple[torch.dtype, ...] = (torch.float32,), linear: bool = True):
+    def __init__(self, dtypes: tuple[torch.dtype, ...] = (torch.float32,), linear: bool = False):
         self.dtypes = dtypes
         self.linear = linear
         # id(weight) -> (weakref to it, its version, the input shape packed for, packed copy)

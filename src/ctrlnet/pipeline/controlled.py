@@ -147,9 +147,9 @@ class Pipeline:
         """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
         the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it).
         ``packed_weights``: on a CPU in fp32, the denoising loop keeps a oneDNN-packed copy of every
-        UNet and ControlNet convolution and linear weight instead of repacking it at every call
+        UNet and ControlNet convolution weight instead of repacking it at every call
         (``ctrlnet.prepack``; faster, costs a second copy of those weights in memory); None = on
-        where that applies; a ``PackedWeights`` to choose what it packs."""
+        where that applies; a ``PackedWeights`` to choose what it packs (e.g. linear layers too)."""
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
