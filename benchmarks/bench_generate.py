@@ -11,8 +11,8 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 - ``ctrlnet fp32`` / ``ctrlnet bf16`` / ``ctrlnet fp16``: ours (weights and compute in that dtype;
   on a CPU in fp32 with its default packed weights, ``ctrlnet.prepack``);
 - ``ctrlnet fp32 unpacked`` (CPU): ours with ``packed_weights=False`` (PyTorch's plain kernels);
-  ``ctrlnet fp32 packed convs + linear``: linear layers' weights packed too (the default packs
-  convolutions only);
+  ``ctrlnet fp32 packed copies kept``: ``packed_weights=PackedWeights()``, packed copies kept next to
+  the weights across calls (the default packs in place at each call's first step);
 - ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 
@@ -32,8 +32,9 @@ GPU fp32, bf16 and fp16. PyTorch's TF32 defaults are kept for both pipelines (ma
 cuDNN convolutions in TF32). The matmul peak is probed before and after the timings and the higher
 of the two is used (this machine drifts; a low probe would inflate the fractions).
 
-``--peak-rss`` measures memory instead: the peak RSS of one generation with packed convolution
-weights (the default), with linear weights packed too and unpacked, each in its own process.
+``--peak-rss`` measures memory instead: the peak RSS of one generation with the default (convolution
+weights packed in place), with packed copies kept, with linear weights packed too (kept) and
+unpacked, each in its own process.
 
 ``--allocator retain`` calls ``ctrlnet.allocator.retain_freed_memory()`` first, as ``ctrlnet
 generate`` does: freed CPU memory is kept for reuse instead of being mapped and faulted in again
@@ -135,7 +136,7 @@ def peak_rss(args) -> None:
     import subprocess
     res = int(args.resolutions.split(",")[0])
     if not args.child:
-        for variant in ("packed", "linear", "unpacked"):
+        for variant in ("packed", "kept", "linear", "unpacked"):
             out = subprocess.run([sys.executable, __file__, "--child", variant, "--resolutions", str(res),
                                   "--steps", str(args.steps)], capture_output=True, text=True)
             if out.returncode:
@@ -151,7 +152,8 @@ def peak_rss(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = random_sd15_base(Path(tmp))
         net = ControlNet.from_unet(base.unet).eval()
-        packed = {"packed": None, "linear": PackedWeights(linear=True), "unpacked": False}[args.child]
+        packed = {"packed": None, "kept": PackedWeights(), "linear": PackedWeights(linear=True),
+                  "unpacked": False}[args.child]
         pipe = Pipeline(base, {"net": net}, packed_weights=packed)
         loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         cond = (np.random.default_rng(0).random((res, res, 3)) > 0.8).astype(np.uint8) * 255
@@ -159,7 +161,8 @@ def peak_rss(args) -> None:
         print(json.dumps({"variant": args.child, "resolution": res, "steps": args.steps,
                           "peak_rss_gib_after_loading": round(loaded, 2),
                           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
-                          "packed_gib": round(pipe.packed.nbytes / 2 ** 30, 2) if pipe.packed is not None else 0}))
+                          "packed_gib": round(max(pipe.packed.nbytes, pipe.packed.last_nbytes) / 2 ** 30, 2)
+                          if pipe.packed is not None else 0}))
 
 
 def main() -> None:
@@ -175,8 +178,8 @@ def main() -> None:
                         help="retain: ctrlnet.allocator.retain_freed_memory() for the whole process (see above)")
     parser.add_argument("--peak-rss", action="store_true",
                         help="instead of timings: peak RSS of one generation (--steps steps, first resolution) "
-                             "with packed convolutions (the default), convolutions + linear and unpacked, "
-                             "each in a fresh process")
+                             "with the default (packed in place), packed copies kept, linear layers packed too "
+                             "and unpacked, each in a fresh process")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_rss or args.child:
@@ -240,7 +243,7 @@ def main() -> None:
             variants = [(d, False, None) for d in dtypes] + ([(d, True, None) for d in dtypes] if args.channels_last else [])
             if device.type == "cpu" and "fp32" in dtypes:  # the default (packed weights) against plain kernels
                 variants[dtypes.index("fp32") + 1:dtypes.index("fp32") + 1] = [
-                    ("fp32", False, False), ("fp32", False, PackedWeights(linear=True))]
+                    ("fp32", False, False), ("fp32", False, PackedWeights())]
             for dtype, nhwc, packed in variants:
                 torch_dtype = torch_dtypes[dtype]
                 b, n = (base, net) if dtype == "fp32" and not nhwc else (copy.deepcopy(base).to(dtype=torch_dtype),
@@ -248,7 +251,7 @@ def main() -> None:
                 pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc, packed_weights=packed)
                 pipes.append(pipe)
                 label = (f"{dtype} channels_last" if nhwc else f"{dtype} unpacked" if packed is False
-                         else f"{dtype} packed convs + linear" if packed is not None else dtype)
+                         else f"{dtype} packed copies kept" if packed is not None else dtype)
                 image = np.asarray(cond)
 
                 def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
@@ -268,10 +271,12 @@ def main() -> None:
                     times[mode].append(seconds)
                     faults[mode].append(step_faults)
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
-            for pipe in pipes:  # the memory packed weights cost: one more copy of each packed weight
+            for pipe in pipes:  # how much was packed (kept copies: that much more memory)
                 if pipe.packed is not None:
-                    print(json.dumps({"resolution": res, "packed_weights": len(pipe.packed),
-                                      "packed_gib": round(pipe.packed.nbytes / 2 ** 30, 2)}), flush=True)
+                    n, size = ((pipe.packed.last_packed, pipe.packed.last_nbytes) if pipe.packed.in_place
+                               else (len(pipe.packed), pipe.packed.nbytes))
+                    print(json.dumps({"resolution": res, "packed_weights": n, "packed_gib": round(size / 2 ** 30, 2),
+                                      "in_place": pipe.packed.in_place}), flush=True)
             del ref, pipes, runs, run, pipe, b, n  # free the dtype copies before the next resolution
             for d in dict.fromkeys(["fp32", *dtypes]):  # the machine drifts: probe again, keep the higher peak
                 again = matmul_peak_gflops(torch_dtypes[d], device)

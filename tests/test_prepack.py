@@ -115,3 +115,35 @@ def test_packed_copy_freed_with_its_weight():
     del conv
     gc.collect()
     assert len(packed) == 0 and packed._cache == {}
+
+
+def test_in_place_releases_and_restores_weights_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2)).eval()
+    x = torch.randn(2, 4, 6, 6)
+    before = [p.detach().clone() for p in model.parameters()]
+    packed = PackedWeights(in_place=True)
+    with torch.no_grad():
+        expected = model(x)
+        with packed.active():
+            got = model(x)
+            assert model[0].weight.numel() == 0 and model[1].weight.numel() == 0  # storage released
+            assert model[0].bias.numel() == 8  # biases are not packed
+            torch.testing.assert_close(model(x[:1]), expected[:1], rtol=1e-5, atol=1e-5)  # new shape: repacked
+            with torch.enable_grad():  # a call the packed kernel cannot take: plain kernel, plain values
+                y = model(x.requires_grad_())
+            torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-5)
+            x.requires_grad_(False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # bit-exact, same Parameter objects
+    assert len(packed) == 0 and packed.last_packed == 2 and packed.last_nbytes > 0
+
+
+def test_in_place_restores_on_error():
+    conv = nn.Conv2d(4, 4, 3).eval()
+    before = conv.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="stop"):
+        with torch.no_grad(), PackedWeights(in_place=True).active():
+            conv(torch.randn(1, 4, 6, 6))
+            raise RuntimeError("stop")
+    assert torch.equal(conv.weight, before)

@@ -72,7 +72,7 @@ def test_latents_equal_diffusers_controlnet_pipeline(bases, tmp_path, family, st
                  output_type="latent").latents
     assert (ours - plain).abs().max() > 1e-3  # the control does something
     assert (ours - expected).abs().max() <= 1e-4
-    assert pipe.packed is not None and len(pipe.packed) > 0  # on the CPU in fp32: through packed weights
+    assert pipe.packed is not None and pipe.packed.last_packed > 0  # on the CPU in fp32: through packed weights
 
 
 def test_start_end_scale_zero_and_control_mode_skip_work(bases):
@@ -243,12 +243,23 @@ def test_packed_weights_give_the_same_latents(bases, family):
         torch.manual_seed(0)  # the hint encoder's random init
         pipe = Pipeline(base, {"net": trained_looking(base)}, packed_weights=packed)
         assert (pipe.packed is not None) == packed
+        before = {k: v.clone() for k, v in [*base.unet.state_dict().items(),
+                                            *pipe.controlnets["net"].state_dict().items()]}
+        seen, sizes = [], []  # ids of the weights held packed during the loop; conv_in's storage then
+
+        def on_step(i, pipe=pipe, base=base, seen=seen, sizes=sizes):
+            seen.append({id(r()) for r, *_ in pipe.packed._cache.values()} if pipe.packed else set())
+            sizes.append(base.unet.conv_in.weight.numel())
         latents.append(pipe("a circle", controls=[Control("net", condition())], steps=3, guidance=5.0, seed=1,
-                            output_type="latent").latents)
-    # the UNet's and the ControlNet's conv / linear weights, not the text encoder's (run once per call)
-    packed_ids = {id(ref()) for ref, *_ in pipe.packed._cache.values()}
-    assert id(base.unet.conv_in.weight) in packed_ids and id(pipe.controlnets["net"].conv_in.weight) in packed_ids
-    assert not packed_ids & {id(p) for p in base.text_encoder.parameters()}
+                            output_type="latent", callback=on_step).latents)
+        assert (sizes[0] == 0) == packed  # in place: the plain storage is released during the loop
+        after = [*base.unet.state_dict().items(), *pipe.controlnets["net"].state_dict().items()]
+        assert all(torch.equal(before[k], v) for k, v in after)  # restored exactly after the loop
+    assert seen[0] == seen[-1]  # packed at the first step, kept for the others
+    # the UNet's and the ControlNet's convolutions, not the text encoder's weights (run once per call)
+    assert id(base.unet.conv_in.weight) in seen[0] and id(pipe.controlnets["net"].conv_in.weight) in seen[0]
+    assert not seen[0] & {id(p) for p in base.text_encoder.parameters()}
+    assert pipe.packed.last_packed == len(seen[0]) and len(pipe.packed) == 0  # released after the call
     assert torch.allclose(latents[0], latents[1], atol=1e-4)
     assert Pipeline(load_base(bases[family]), dtype=torch.float32).packed is not None  # default: on
     base = load_base(bases[family]).to(dtype=torch.bfloat16)

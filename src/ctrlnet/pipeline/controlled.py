@@ -146,10 +146,11 @@ class Pipeline:
                  packed_weights: bool | PackedWeights | None = None):
         """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
         the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it).
-        ``packed_weights``: on a CPU in fp32, the denoising loop keeps a oneDNN-packed copy of every
-        UNet and ControlNet convolution weight instead of repacking it at every call
-        (``ctrlnet.prepack``; faster, costs a second copy of those weights in memory); None = on
-        where that applies; a ``PackedWeights`` to choose what it packs (e.g. linear layers too)."""
+        ``packed_weights``: on a CPU in fp32, the denoising loop runs every UNet and ControlNet
+        convolution on a oneDNN-packed weight instead of repacking it at every call
+        (``ctrlnet.prepack``, in place: the weights are packed at the first step and restored
+        exactly after the loop, no extra memory); None = on where that applies; a
+        ``PackedWeights`` to choose otherwise (kept across calls, linear layers too)."""
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
@@ -160,7 +161,8 @@ class Pipeline:
         if isinstance(packed_weights, PackedWeights):
             self.packed = packed_weights
         else:
-            self.packed = PackedWeights() if (cpu_fp32 if packed_weights is None else packed_weights) else None
+            use = cpu_fp32 if packed_weights is None else packed_weights
+            self.packed = PackedWeights(in_place=True) if use else None
         if channels_last:
             base.unet.to(memory_format=torch.channels_last)
         self.name = name or Path(str(base.source)).name
