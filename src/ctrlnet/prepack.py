@@ -3,8 +3,8 @@
 PyTorch's CPU convolution (``aten::mkldnn_convolution``) reorders its weight from the plain OIHW
 layout into oneDNN's blocked layout on every call. For the UNet's deep layers at small latent
 sizes that reorder costs more than the arithmetic: a 1280->1280 3x3 convolution on a 4x4 latent
-(SD1.5 at 256 px, batch 2) ran at 20 GFLOPS on this project's 2-vCPU machine, and at 118 GFLOPS
-with its weight packed once (``benchmarks/bench_generate.py``, BENCHMARKS.md). Linear layers gain
+(SD1.5 at 256 px, batch 2) ran at 25 GFLOPS on this project's 2-vCPU machine, and at 142 GFLOPS
+with its weight packed once (``benchmarks/bench_conv_packing.py``, BENCHMARKS.md). Linear layers gain
 little in the UNet (MKL's plain GEMM is already efficient there), so they are packed on request only.
 
 ``PackedWeights`` keeps one packed copy per weight (made on first use, made again when the weight
@@ -80,10 +80,12 @@ class PackedWeights:
         """Drop the packed copies (in place: put every released weight back first)."""
         if self.in_place:
             self.last_packed, self.last_nbytes = len(self), self.nbytes
-            for ref, _, _, _, packed in self._cache.values():
+            while self._cache:  # one weight at a time, its packed copy freed before the next is restored
+                _, (ref, _, _, _, packed) = self._cache.popitem()
                 weight = ref()
                 if weight is not None:
                     weight.data = packed.to_dense()
+                del packed
         self._cache.clear()
 
     def active(self) -> TorchFunctionMode:
