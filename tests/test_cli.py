@@ -66,6 +66,12 @@ def test_generate_with_bundled_nano_models(tmp_path):
     assert np.asarray(Image.open(tmp_path / "out" / "grid.png")).shape == (256, 3 * 128, 3)
     r = run("generate", "--prompt", "a blue square", "--steps", "2", "--out", str(tmp_path / "one.png"))
     assert r.returncode == 0 and (tmp_path / "one.png").is_file(), r.stderr
+    # PyTorch's plain kernels instead of packed weights: the same image up to float rounding
+    r = run("generate", "--prompt", "a blue square", "--steps", "2", "--no-packed-weights",
+            "--out", str(tmp_path / "plain.png"))
+    assert r.returncode == 0, r.stderr
+    a, b = (np.asarray(Image.open(tmp_path / f), dtype=int) for f in ("one.png", "plain.png"))
+    assert np.abs(a - b).max() <= 2
 
 
 def test_generate_errors_are_one_line(tmp_path):
