@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no-packed-weights", action="store_true",
-                   help="CPU fp32: use PyTorch's plain kernels instead of keeping a packed copy of the weights "
-                        "(slower; saves that copy's memory)")
+                   help="CPU fp32: PyTorch's plain convolution kernels instead of weights packed for the "
+                        "denoising loop (slower; lower peak memory, see README)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=1.0, help="img2img: how much of the init image to redo")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")

@@ -149,8 +149,9 @@ class Pipeline:
         ``packed_weights``: on a CPU in fp32, the denoising loop runs every UNet and ControlNet
         convolution on a oneDNN-packed weight instead of repacking it at every call
         (``ctrlnet.prepack``, in place: the weights are packed at the first step and restored
-        exactly after the loop, no extra memory); None = on where that applies; a
-        ``PackedWeights`` to choose otherwise (kept across calls, linear layers too)."""
+        exactly after the loop; meanwhile, ``callback`` included, their storage is empty); None =
+        on where that applies; a ``PackedWeights`` to choose otherwise (kept across calls, linear
+        layers too)."""
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
