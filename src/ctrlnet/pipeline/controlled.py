@@ -156,7 +156,8 @@ class Pipeline:
         self.dtype = dtype
         self.channels_last = channels_last
         cpu_fp32 = base.unet.device.type == "cpu" and dtype == torch.float32 and packing_available()
-        if packed_weights and not cpu_fp32:
+        # `is not` tests: a PackedWeights is falsy while it holds nothing (it has a __len__)
+        if packed_weights is not None and packed_weights is not False and not cpu_fp32:
             raise ValueError("packed_weights=True needs the CPU, fp32 and a PyTorch with oneDNN "
                              f"(here: {base.unet.device.type}, {dtype}, oneDNN {packing_available()})")
         if isinstance(packed_weights, PackedWeights):
