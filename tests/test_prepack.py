@@ -98,6 +98,7 @@ def test_not_used_for_training_fp64_or_outside_the_context():
     assert conv.weight.grad is not None and len(packed) == 0
     with torch.no_grad(), packed.active():
         conv.double()(x.double())  # not a packed dtype
+        assert conv.float()(x[:0]).shape == (0, 4, 8, 8)  # an empty batch: the plain kernel
     assert len(packed) == 0
     conv.float()
     with torch.no_grad():

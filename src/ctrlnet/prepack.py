@@ -93,7 +93,7 @@ class PackedWeights:
         return _Mode(self)
 
     def _usable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+        return (x.numel() > 0 and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
                 and weight.dtype in self.dtypes and weight.layout == torch.strided and x.layout == torch.strided
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
