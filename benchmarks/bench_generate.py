@@ -2,7 +2,7 @@
 ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run, same weights.
 
     .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
-        [--dtypes fp32,bf16,fp16] [--channels-last] [--repeat N] [--allocator system|retain]
+        [--dtypes fp32,bf16,fp16] [--channels-last] [--compile inductor,cudagraphs] [--repeat N] [--allocator system|retain]
     .venv/bin/python benchmarks/bench_generate.py --peak-rss [--resolutions 512] [--steps 2]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
@@ -15,6 +15,12 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
   the weights across calls (the default packs in place at each call's first step);
 - ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
+- ``compiled`` (``--compile inductor``): ours with ``Pipeline(compile=True)`` (``torch.compile``;
+  on a GPU mode "reduce-overhead": inductor's kernels replayed as CUDA graphs; on a CPU inductor
+  with freezing); ``cudagraphs`` (``--compile cudagraphs``, GPU): ``compile={"backend": "cudagraphs"}``,
+  PyTorch's own kernels recorded as CUDA graphs, no code generation (far quicker to compile).
+  Controlled, base only and end=0.5; ``first_call_s`` is the warm-up call, where the compiling
+  happens (the first round's).
 
 s/step: after a 1-step warm-up call, the time from the start of a ``--steps`` call to its last
 step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net); on a
@@ -106,10 +112,15 @@ def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float,
     return unet, control
 
 
-def timed(run, steps: int, device: torch.device) -> tuple[float, float]:
-    """(seconds, minor page faults) per denoising step: a 1-step warm-up call, then ``steps`` steps from the call's start to
-    the last step's callback (prompt encoding and hint features, done once, are included; decoding is not)."""
+def timed(run, steps: int, device: torch.device) -> tuple[float, float, float]:
+    """(seconds, minor page faults) per denoising step, and the warm-up's seconds: a 1-step warm-up
+    call, then ``steps`` steps from the call's start to the last step's callback (prompt encoding and
+    hint features, done once, are included; decoding is not)."""
+    sync(device)
+    warm = time.perf_counter()
     run(1, lambda: None)
+    sync(device)
+    warm = time.perf_counter() - warm
     stamps = []
 
     def stamp():  # waits for the GPU at the last step only, so the host may run ahead as in real use
@@ -121,7 +132,7 @@ def timed(run, steps: int, device: torch.device) -> tuple[float, float]:
     faults = minor_faults()
     run(steps, stamp)
     assert len(stamps) == steps
-    return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps
+    return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps, warm
 
 
 def minor_faults() -> int:
@@ -174,6 +185,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the modes, interleaved; median")
     parser.add_argument("--channels-last", action="store_true",
                         help="also ours with Pipeline(channels_last=True): rows 'ctrlnet DTYPE channels_last'")
+    parser.add_argument("--compile", default="",
+                        help="comma list of inductor (Pipeline(compile=True): rows 'ctrlnet DTYPE compiled') and "
+                             "cudagraphs (compile={'backend': 'cudagraphs'}: rows 'ctrlnet DTYPE cudagraphs')")
     parser.add_argument("--allocator", default="system", choices=["system", "retain"],
                         help="retain: ctrlnet.allocator.retain_freed_memory() for the whole process (see above)")
     parser.add_argument("--peak-rss", action="store_true",
@@ -182,6 +196,9 @@ def main() -> None:
                              "and unpacked, each in a fresh process")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    compilers = [c for c in args.compile.split(",") if c]
+    if set(compilers) - {"inductor", "cudagraphs"}:
+        parser.error(f"--compile {args.compile}: use inductor and/or cudagraphs")
     if args.peak_rss or args.child:
         return peak_rss(args)
     if args.allocator == "retain":
@@ -240,18 +257,25 @@ def main() -> None:
                 prompt, image=cond, num_inference_steps=n, guidance_scale=7.5, height=res, width=res,
                 output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1])
             pipes = []  # kept alive for the rounds
-            variants = [(d, False, None) for d in dtypes] + ([(d, True, None) for d in dtypes] if args.channels_last else [])
+            # (dtype, channels_last, packed_weights, compile)
+            backends = {"inductor": True, "cudagraphs": {"backend": "cudagraphs", "dynamic": False}}
+            variants = ([(d, False, None, False) for d in dtypes]
+                        + ([(d, True, None, False) for d in dtypes] if args.channels_last else [])
+                        + [(d, False, None, backends[c]) for c in compilers for d in dtypes])
             if device.type == "cpu" and "fp32" in dtypes:  # the default (packed weights) against plain kernels
                 variants[dtypes.index("fp32") + 1:dtypes.index("fp32") + 1] = [
-                    ("fp32", False, False), ("fp32", False, PackedWeights())]
-            for dtype, nhwc, packed in variants:
+                    ("fp32", False, False, False), ("fp32", False, PackedWeights(), False)]
+            for dtype, nhwc, packed, compiled in variants:
                 torch_dtype = torch_dtypes[dtype]
                 b, n = (base, net) if dtype == "fp32" and not nhwc else (copy.deepcopy(base).to(dtype=torch_dtype),
                                                                           copy.deepcopy(net))
-                pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc, packed_weights=packed)
+                pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc, packed_weights=packed,
+                                compile=compiled)
                 pipes.append(pipe)
                 label = (f"{dtype} channels_last" if nhwc else f"{dtype} unpacked" if packed is False
-                         else f"{dtype} packed copies kept" if packed is not None else dtype)
+                         else f"{dtype} packed copies kept" if packed is not None
+                         else f"{dtype} compiled" if compiled is True
+                         else f"{dtype} {compiled['backend']}" if compiled else dtype)
                 image = np.asarray(cond)
 
                 def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
@@ -265,11 +289,13 @@ def main() -> None:
                     k, cb, controls=(Control("net", image, end=0.5),))
             times = {mode: [] for mode in runs}
             faults = {mode: [] for mode in runs}
+            first_call = {}  # mode -> the first round's warm-up seconds (compiled modes compile there)
             for _ in range(args.repeat):
                 for mode, run in runs.items():
-                    seconds, step_faults = timed(run, args.steps, device)
+                    seconds, step_faults, warm = timed(run, args.steps, device)
                     times[mode].append(seconds)
                     faults[mode].append(step_faults)
+                    first_call.setdefault(mode, warm)
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
             for pipe in pipes:  # how much was packed (kept copies: that much more memory)
                 if pipe.packed is not None:
@@ -278,6 +304,8 @@ def main() -> None:
                     print(json.dumps({"resolution": res, "packed_weights": n, "packed_gib": round(size / 2 ** 30, 2),
                                       "in_place": pipe.packed.in_place}), flush=True)
             del ref, pipes, runs, run, pipe, b, n  # free the dtype copies before the next resolution
+            if args.compile:
+                torch._dynamo.reset()  # and the compiled graphs (CUDA graph pools, CPU frozen weights)
             for d in dict.fromkeys(["fp32", *dtypes]):  # the machine drifts: probe again, keep the higher peak
                 again = matmul_peak_gflops(torch_dtypes[d], device)
                 if again > peaks[d]:
@@ -291,7 +319,7 @@ def main() -> None:
                        "rounds": [round(t, 4) for t in times[mode]],
                        "page_faults_per_step": round(statistics.median(faults[mode])),
                        "speedup_vs_diffusers_fp32": round(ref_s / s, 2), "gflop_per_step": round(flops, 1),
-                       "gflops": round(flops / s, 1), "dtype": dtype}
+                       "gflops": round(flops / s, 1), "dtype": dtype, "first_call_s": round(first_call[mode], 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for r in rows:  # fractions against the final (highest) peaks
@@ -302,13 +330,13 @@ def main() -> None:
     print(f"\nallocator: {args.allocator}; matmul peaks (GFLOPS): "
           + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
     print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak (its dtype) "
-          "| of TF32 peak (GPU fp32) | page faults/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| of TF32 peak (GPU fp32) | page faults/step | first call (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tf32 = f"{r['peak_fraction_tf32']:.0%}" if "peak_fraction_tf32" in r else "-"
         print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.3g} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
               f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} | {tf32} | "
-              f"{r['page_faults_per_step']:,} |")
+              f"{r['page_faults_per_step']:,} | {r['first_call_s']:.1f} |")
 
 
 if __name__ == "__main__":

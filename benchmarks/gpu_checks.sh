@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one run, on a single-GPU machine whose python3 has PyTorch with
-# CUDA plus this project's dependencies (or PYTHONPATH pointing at them):
+# The GPU figures of BENCHMARKS.md, on a single-GPU machine whose python3 has PyTorch with CUDA plus
+# this project's dependencies (or PYTHONPATH pointing at them):
 #
-#     OUT=outputs/gpu bash benchmarks/gpu_checks.sh
+#     OUT=outputs/gpu bash benchmarks/gpu_checks.sh                 # every step (~15 min)
+#     OUT=outputs/gpu STEPS="tests compiled" bash benchmarks/gpu_checks.sh   # some of them
 #
-# Writes to $OUT: gpu.log (machine), tests.log (pipeline/model/format tests; most build their models on
-# the CPU, test_cuda_latents_equal_cpu compares CUDA fp32/bf16 with the CPU), generate.log (bench_generate.py on cuda: fp32/bf16/fp16
-# against diffusers fp32, 256 and 512 px), eval.log (the bundled nano nets scored in fp32 and bf16 on
-# the same 200 held-out samples and seeds), train.log (bench_train.py on cuda).
-# Each step has its own time limit so one slow step cannot eat the others.
+# Steps (each with its own time limit, so one slow step cannot eat the others), and what they write
+# to $OUT besides gpu.log (the machine):
+#   tests     tests.log: pipeline/model/format tests (most build their models on the CPU;
+#             test_cuda_latents_equal_cpu and test_cuda_graphs_give_the_same_latents run on CUDA)
+#   generate  generate.log: bench_generate.py on cuda, fp32/bf16/fp16 against diffusers fp32, 256/512 px
+#   compiled  generate-compiled.log: the same in bf16, eager and through CUDA graphs: Pipeline(compile=True)
+#             (inductor, mode reduce-overhead) and compile={"backend": "cudagraphs"} (no code generation)
+#   eval      eval.log: the bundled nano nets scored in fp32 and bf16 on the same 200 held-out samples
+#   train     train.log: bench_train.py on cuda
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
 PY=${PY:-python3}
+STEPS=${STEPS:-tests generate compiled eval train}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
@@ -21,30 +28,46 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
   nproc
 } 2>&1 | tee "$OUT/gpu.log"
 
-timeout 90 $PY -m pytest -x -p no:cacheprovider -rs tests/pipeline tests/models tests/formats tests/test_base.py \
-  2>&1 | tail -30 | tee "$OUT/tests.log"
-echo "pytest exit code: $?" | tee -a "$OUT/tests.log"
+if want tests; then
+  timeout 240 $PY -m pytest -x -p no:cacheprovider -rs tests/pipeline tests/models tests/formats tests/test_base.py \
+    2>&1 | tail -30 | tee "$OUT/tests.log"
+  echo "pytest exit code: $?" | tee -a "$OUT/tests.log"
+fi
 
-timeout 120 $PY benchmarks/bench_generate.py --device cuda --resolutions 256,512 --steps 20 2>&1 \
-  | grep -v "^\[transformers\]" | tee "$OUT/generate.log"
-echo "bench_generate exit code: $?" | tee -a "$OUT/generate.log"
+if want generate; then
+  timeout 120 $PY benchmarks/bench_generate.py --device cuda --resolutions 256,512 --steps 20 2>&1 \
+    | grep -v "^\[transformers\]" | tee "$OUT/generate.log"
+  echo "bench_generate exit code: $?" | tee -a "$OUT/generate.log"
+fi
 
-# the first 200 held-out samples (identical to the first 200 of `--n 1000 --seed 1`)
-[ -d data/shapes-val ] || $PY -m ctrlnet.cli data shapes --n 200 --seed 1 --out data/shapes-val > /dev/null 2>&1
-EVAL=$(mktemp -d)
-for dtype in fp32 bf16; do
-  timeout 60 $PY -m ctrlnet.cli eval --control model=nano-canny,annotator=canny --data data/shapes-val --n 200 \
-    --no-baseline --dtype $dtype --out "$EVAL/canny-$dtype" 2>&1 | tail -3
-  timeout 60 $PY -m ctrlnet.cli eval --control model=nano-segmentation,condition=segmentation \
-    --data data/shapes-val --n 200 --no-baseline --dtype $dtype --out "$EVAL/seg-$dtype" 2>&1 | tail -3
-done
-for r in "$EVAL"/*; do
-  echo "== $r"
-  $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['settings']['dtype'], d['seconds'],
+if want compiled; then
+  # bf16 through torch.compile(mode="reduce-overhead") (CUDA graphs) against diffusers fp32 in the same
+  # run: the launch overhead that kept eager bf16 under 1.7x; first_call_s includes the compiling
+  timeout 480 $PY benchmarks/bench_generate.py --device cuda --resolutions 512,256 --steps 20 --repeat 2 \
+    --dtypes bf16 --compile cudagraphs,inductor 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/generate-compiled.log"
+  echo "bench_generate --compile exit code: $?" | tee -a "$OUT/generate-compiled.log"
+fi
+
+if want eval; then
+  # the first 200 held-out samples (identical to the first 200 of `--n 1000 --seed 1`)
+  [ -d data/shapes-val ] || $PY -m ctrlnet.cli data shapes --n 200 --seed 1 --out data/shapes-val > /dev/null 2>&1
+  EVAL=$(mktemp -d)
+  for dtype in fp32 bf16; do
+    timeout 60 $PY -m ctrlnet.cli eval --control model=nano-canny,annotator=canny --data data/shapes-val --n 200 \
+      --no-baseline --dtype $dtype --out "$EVAL/canny-$dtype" 2>&1 | tail -3
+    timeout 60 $PY -m ctrlnet.cli eval --control model=nano-segmentation,condition=segmentation \
+      --data data/shapes-val --n 200 --no-baseline --dtype $dtype --out "$EVAL/seg-$dtype" 2>&1 | tail -3
+  done
+  for r in "$EVAL"/*; do
+    echo "== $r"
+    $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['settings']['dtype'], d['seconds'],
 json.dumps([x['metrics'] for x in d['results']]))" "$r/report.json"
-done 2>&1 | tee "$OUT/eval.log"
+  done 2>&1 | tee "$OUT/eval.log"
+fi
 
-timeout 150 $PY benchmarks/bench_train.py --device cuda --steps 10 \
-  --modes diffusers-recipe,ctrlnet-fp32,ctrlnet-bf16,unet-finetune 2>&1 | grep -v "^\[transformers\]" \
-  | tee "$OUT/train.log"
-echo "bench_train exit code: $?" | tee -a "$OUT/train.log"
+if want train; then
+  timeout 150 $PY benchmarks/bench_train.py --device cuda --steps 10 \
+    --modes diffusers-recipe,ctrlnet-fp32,ctrlnet-bf16,unet-finetune 2>&1 | grep -v "^\[transformers\]" \
+    | tee "$OUT/train.log"
+  echo "bench_train exit code: $?" | tee -a "$OUT/train.log"
+fi

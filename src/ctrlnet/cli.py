@@ -79,7 +79,8 @@ def cmd_generate(args) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # library chatter; our own warnings are printed below
         pipe = Pipeline.from_pretrained(args.base, controlnets=[c.model for c in controls], dtype=args.dtype,
-                                        packed_weights=False if args.no_packed_weights else None)
+                                        packed_weights=False if args.no_packed_weights else None,
+                                        compile=args.compile)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipe(args.prompt, controls=controls, negative_prompt=args.negative_prompt, steps=args.steps,
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-packed-weights", action="store_true",
                    help="CPU fp32: PyTorch's plain convolution kernels instead of weights packed for the "
                         "denoising loop (slower; lower peak memory, see README)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the UNet and ControlNets through torch.compile (on a GPU with CUDA graphs); the "
+                        "first step compiles for minutes, so it pays off over many images (see README)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=1.0, help="img2img: how much of the init image to redo")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")

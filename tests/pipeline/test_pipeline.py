@@ -268,6 +268,65 @@ def test_packed_weights_give_the_same_latents(bases, family):
         Pipeline(base, dtype=torch.bfloat16, packed_weights=True)
 
 
+def test_compiled_models_give_the_same_latents(bases):
+    """compile=...: the loop calls the UNet and the ControlNet through torch.compile, each captured
+    whole (no graph break), with the same latents; one graph per set of active nets, none new on the
+    next call. The aot_eager backend (dynamo's capture and AOT tracing, no code generation) keeps this
+    fast; inductor's code generation is PyTorch's own (BENCHMARKS.md measures it)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    base = load_base(bases["sd15"])
+    torch.manual_seed(0)  # the hint encoder's random init
+    net = trained_looking(base)
+    controls = [Control("net", condition(), end=0.5)]  # steps 0-1 with the net, 2-3 without
+
+    def run(pipe):
+        return pipe("a circle", controls=controls, steps=4, guidance=5.0, seed=1, output_type="latent").latents
+    expected = run(Pipeline(base, {"net": net}))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        pipe = Pipeline(base, {"net": net}, compile={"backend": "aot_eager", "dynamic": False})
+        assert pipe.packed is None
+        got = run(pipe)
+        graphs = counters["stats"]["unique_graphs"]
+        again = run(pipe)
+        assert counters["stats"]["unique_graphs"] == graphs == 3  # the net; the UNet with residuals; without
+        assert not counters["graph_break"]
+        assert pipe.compiled(base.unet) is pipe.compiled(base.unet) and pipe.compiled(base.unet)._orig_mod is base.unet
+    finally:
+        torch._dynamo.reset()
+    assert (got - expected).abs().max() <= 1e-5 and torch.equal(got, again)
+    assert Pipeline(base, compile=True).compile_kwargs == {"options": {"freezing": True}, "dynamic": False}
+    with pytest.raises(ValueError, match="packed_weights and compile exclude each other"):
+        Pipeline(base, compile=True, packed_weights=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_checks.sh runs it)")
+@pytest.mark.parametrize("compiled", [True, {"backend": "cudagraphs", "dynamic": False}], ids=["inductor", "cudagraphs"])
+def test_cuda_graphs_give_the_same_latents(bases, compiled):
+    """compile on CUDA: inductor with mode="reduce-overhead" or PyTorch's kernels recorded as CUDA
+    graphs give the eager latents, with a sampler that keeps past predictions (DPM++ 2M) and a net
+    active half the steps."""
+    import torch._dynamo
+    base = load_base(bases["sd15"])
+    torch.manual_seed(0)
+    net = trained_looking(base)
+    base = base.to("cuda", torch.bfloat16)
+    latents = []
+    try:
+        for compile in (False, compiled):
+            pipe = Pipeline(base, {"net": net.to("cuda", torch.bfloat16)}, dtype=torch.bfloat16, compile=compile)
+            for _ in range(2):  # the second call replays the recorded graphs
+                out = pipe("a circle", controls=[Control("net", condition(), end=0.5)], steps=4, guidance=5.0,
+                           seed=1, scheduler="dpmpp_2m", output_type="latent").latents.float().cpu()
+            latents.append(out)
+    finally:
+        torch._dynamo.reset()
+    assert torch.isfinite(latents[1]).all()
+    assert (latents[1] - latents[0]).abs().mean() < 0.02 * latents[0].abs().mean()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_checks.sh runs it)")
 def test_cuda_latents_equal_cpu(bases):
     """The GPU path: the same pipeline and seed on CUDA (fp32, TF32 off) gives the CPU's latents;

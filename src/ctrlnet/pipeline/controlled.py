@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,7 @@ class Pipeline:
 
     def __init__(self, base: BaseModel, controlnets: dict[str, ControlNet] | None = None,
                  dtype: torch.dtype = torch.float32, name: str = "", channels_last: bool = False,
-                 packed_weights: bool | PackedWeights | None = None):
+                 packed_weights: bool | PackedWeights | None = None, compile: bool | dict = False):
         """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
         the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it).
         ``packed_weights``: on a CPU in fp32, the denoising loop runs every UNet and ControlNet
@@ -151,19 +152,39 @@ class Pipeline:
         (``ctrlnet.prepack``, in place: the weights are packed at the first step and restored
         exactly after the loop; meanwhile, ``callback`` included, their storage is empty); None =
         on where that applies; a ``PackedWeights`` to choose otherwise (kept across calls, linear
-        layers too)."""
+        layers too).
+        ``compile``: the denoising loop calls the UNet and the ControlNets through ``torch.compile``
+        (True: on a GPU ``mode="reduce-overhead"``, i.e. CUDA graphs, which remove the per-kernel
+        launch cost that bounds a GPU step; on a CPU inductor with ``freezing``, which packs the
+        weights itself, so ``packed_weights`` is off); a dict: ``torch.compile``'s keyword arguments.
+        Each new image size or set of active nets compiles first (minutes for SD1.5-sized models);
+        compiled graphs read the weights as they were then (CPU freezing folds them in: weights
+        changed afterwards need a new Pipeline). BENCHMARKS.md measures it."""
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
-        cpu_fp32 = base.unet.device.type == "cpu" and dtype == torch.float32 and packing_available()
+        device = base.unet.device.type
+        cpu_fp32 = device == "cpu" and dtype == torch.float32 and packing_available()
         # `is not` tests: a PackedWeights is falsy while it holds nothing (it has a __len__)
-        if packed_weights is not None and packed_weights is not False and not cpu_fp32:
+        packing_asked = packed_weights is not None and packed_weights is not False
+        if packing_asked and not cpu_fp32:
             raise ValueError("packed_weights=True needs the CPU, fp32 and a PyTorch with oneDNN "
-                             f"(here: {base.unet.device.type}, {dtype}, oneDNN {packing_available()})")
+                             f"(here: {device}, {dtype}, oneDNN {packing_available()})")
+        if packing_asked and compile:
+            raise ValueError("packed_weights and compile exclude each other: a compiled CPU graph packs its "
+                             "weights itself (inductor freezing); pass one of them")
+        if isinstance(compile, dict):
+            self.compile_kwargs: dict | None = dict(compile)
+        elif compile:
+            self.compile_kwargs = ({"mode": "reduce-overhead", "dynamic": False} if device == "cuda"
+                                   else {"options": {"freezing": True}, "dynamic": False})
+        else:
+            self.compile_kwargs = None
+        self._compiled: dict[int, Any] = {}  # id(module) -> its torch.compile wrapper
         if isinstance(packed_weights, PackedWeights):
             self.packed = packed_weights
         else:
-            use = cpu_fp32 if packed_weights is None else packed_weights
+            use = cpu_fp32 and not compile if packed_weights is None else packed_weights
             self.packed = PackedWeights(in_place=True) if use else None
         if channels_last:
             base.unet.to(memory_format=torch.channels_last)
@@ -175,10 +196,11 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, base: str | Path | BaseModel = "nano", controlnets: Sequence[Any] = (),
                         dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
-                        channels_last: bool = False, packed_weights: bool | None = None) -> "Pipeline":
+                        channels_last: bool = False, packed_weights: bool | None = None,
+                        compile: bool | dict = False) -> "Pipeline":
         """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint; ``controlnets``:
         names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute);
-        ``packed_weights``: see ``__init__``."""
+        ``packed_weights``, ``compile``: see ``__init__``."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use fp32, bf16 or fp16")
@@ -190,7 +212,7 @@ class Pipeline:
                           "fp32; use --dtype fp32", stacklevel=2)
         pipe = cls(resolve_base(base).to(device, torch_dtype), dtype=torch_dtype,
                    name="nano" if str(base) == "nano" else "", channels_last=channels_last,
-                   packed_weights=packed_weights)
+                   packed_weights=packed_weights, compile=compile)
         for net in controlnets:
             pipe.controlnet(net)
         return pipe
@@ -204,6 +226,17 @@ class Pipeline:
             net.to(memory_format=torch.channels_last)
         self.controlnets[key] = net
         return net
+
+    def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` as the denoising loop calls it: its ``torch.compile`` wrapper (made once, kept
+        with the Pipeline) when ``compile`` is on, else itself. The wrapper passes attribute reads
+        (``config``, ``dtype``) through to the module."""
+        if self.compile_kwargs is None:
+            return module
+        hit = self._compiled.get(id(module))
+        if hit is None or hit._orig_mod is not module:
+            hit = self._compiled[id(module)] = torch.compile(module, **self.compile_kwargs)
+        return hit
 
     def controlnet(self, model: Any) -> ControlNet:
         """A loaded ControlNet for a name, path or net (loaded once, then reused)."""
@@ -324,7 +357,7 @@ class Pipeline:
             cond_t = torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, dtype)  # (1 or P, 3, H, W)
             hint = net.embed_condition(cond_t)  # (1 or P, C0, h, w)
             hint = hint.repeat_interleave(num_images, 0) if per_prompt else hint.expand(b, -1, -1, -1)  # (B, ...)
-            actives.append(ActiveControl(net, hint, c.scale, c.start, c.end, c.mode))
+            actives.append(ActiveControl(self.compiled(net), hint, c.scale, c.start, c.end, c.mode))
         # 5. Timesteps (img2img: skip the first 1 - strength of them).
         sched = make_scheduler(scheduler, base.scheduler.config)
         sched.set_timesteps(steps, device=device)
@@ -368,9 +401,12 @@ class Pipeline:
                 callback(i)
         # packed weights in the loop only: the text encoder and the VAE run once per call, where a
         # packed copy would cost memory and save nothing
+        loop_base = dataclasses.replace(base, unet=self.compiled(base.unet))
+        cuda_graphs = self.compile_kwargs is not None and device.type == "cuda"
         with self.packed.active() if self.packed is not None else contextlib.nullcontext():
-            latents = denoise(base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
-                              generator=gen, inpaint=inpaint, callback=on_step, regions=region_batch)
+            latents = denoise(loop_base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
+                              generator=gen, inpaint=inpaint, callback=on_step, regions=region_batch,
+                              cuda_graphs=cuda_graphs)
         if bar is not None:
             bar.close()
         # 8. Decode, with the parameters of each image.

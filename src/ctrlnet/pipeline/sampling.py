@@ -132,7 +132,7 @@ def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, schedule
             guidance: float, guidance_rescale: float = 0.0, controls: Sequence[ActiveControl] = (),
             added: dict | None = None, generator: torch.Generator | None = None,
             inpaint: dict | None = None, callback: Callable[[int], None] | None = None,
-            regions: dict | None = None) -> torch.Tensor:
+            regions: dict | None = None, cuda_graphs: bool = False) -> torch.Tensor:
     """Run the sampler over ``timesteps`` from ``latents`` (B, C, h, w) float32; returns the final latents.
 
     ``text`` is (2B, T, D) [uncond; cond] when ``guidance > 1``, else (B, T, D).
@@ -143,6 +143,9 @@ def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, schedule
     ``regions`` (regional prompts): {"text": (R*B, T, D), "weights": (R, B, 1, h, w)[, "text_embeds":
     (R*B, P)]}: R more blocks of B rows go through the UNet and ControlNets with their own prompts,
     and their predictions replace the main prompt's inside their weights (``compose_regions``).
+    ``cuda_graphs``: the models are compiled with CUDA graphs (``torch.compile(mode="reduce-overhead")``),
+    whose outputs live in buffers the next replay overwrites: each step is marked as a new
+    iteration and the prediction is copied out before the sampler keeps it.
     """
     unet = base.unet
     cfg = guidance > 1
@@ -157,6 +160,8 @@ def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, schedule
     # only stochastic samplers (DDPM, Euler a, ...) take a generator
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         model_in = torch.cat([latents] * blocks) if blocks > 1 else latents  # (k*B, C, h, w)
         model_in = scheduler.scale_model_input(model_in, t)
         if inpaint is not None and unet.config.in_channels == 9:
@@ -167,6 +172,8 @@ def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, schedule
         residuals = control_residuals(controls, i, n, model_in, t, text, added, b if cfg else 0)
         pred = controlled_unet_forward(unet, unet_in.to(unet.dtype), t, text.to(unet.dtype), residuals,
                                        added_cond_kwargs=added).float()
+        if cuda_graphs:
+            pred = pred.clone()  # samplers such as LMS keep past predictions
         if regions:  # the conditional block becomes the composition of the main and the region prompts
             main_rows = (2 if cfg else 1) * b
             pred_regions = pred[main_rows:].reshape(blocks - main_rows // b, b, *pred.shape[1:])  # (R, B, C, h, w)
