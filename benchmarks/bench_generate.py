@@ -29,7 +29,8 @@ GPU the last callback waits for the GPU (``torch.cuda.synchronize()``) before it
 the same mode moved by 63% between two runs on a GPU), and the median is reported.
 
 GFLOPS = FLOPs of one step (UNet + active ControlNet, counted with torch.utils.flop_counter,
-attention through the math SDPA backend) / s/step, also as a fraction of this machine's measured
+attention through the math SDPA backend; the hint encoder in diffusers' rows only, since ours runs it
+once per call) / s/step, also as a fraction of this machine's measured
 matmul peak in that dtype (the best square matmul of 1024, 2048 and 3072 on a CPU; 4096 and 8192 on
 a GPU, where fp32 rows are also given against the TF32 peak, since cuDNN runs fp32 convolutions in
 TF32 by default). Default dtypes: on a CPU fp32, plus bf16 only where bf16 matmul is native (faster
@@ -92,10 +93,13 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device = torch.device("
     return best
 
 
-def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float, float]:
-    """(UNet GFLOP, ControlNet GFLOP) of one CFG step (batch 2). Attention is counted through
-    PyTorch's math SDPA backend: the counter sees its matmuls on every device, whereas on the CPU
-    it counts the fused SDPA kernel as 0 FLOPs (the first session's CPU figures missed it)."""
+def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float, float, float]:
+    """(UNet GFLOP, ControlNet GFLOP without its hint encoder, hint encoder GFLOP) of one CFG step
+    (batch 2). Ours runs the hint encoder once per call, diffusers' pipeline at every step, so only
+    diffusers' rows count it per step (until the sixth session every row did, which overstated ours by
+    ~2%). Attention is counted through PyTorch's math SDPA backend: the counter sees its matmuls on
+    every device, whereas on the CPU it counts the fused SDPA kernel as 0 FLOPs (the first session's
+    CPU figures missed it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     h = resolution // 8
@@ -107,9 +111,12 @@ def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float,
             base.unet(x, 500, text)
         unet = fc.get_total_flops() / 1e9
         with FlopCounterMode(display=False) as fc:
-            net(x, 500, text, condition=cond)
+            hint = net.embed_condition(cond)
+        hint_encoder = fc.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as fc:
+            net(x, 500, text, hint=hint)
         control = fc.get_total_flops() / 1e9
-    return unet, control
+    return unet, control, hint_encoder
 
 
 def timed(run, steps: int, device: torch.device) -> tuple[float, float, float]:
@@ -244,7 +251,7 @@ def main() -> None:
         base.to(device)
         net.to(device)
         for res in [int(r) for r in args.resolutions.split(",")]:
-            unet_gf, control_gf = step_flops(base, net, res, device)
+            unet_gf, control_gf, hint_gf = step_flops(base, net, res, device)
             cond = Image.fromarray((np.random.default_rng(0).random((res, res, 3)) > 0.8).astype(np.uint8) * 255)
             prompt = "a photo of a red circle on a blue background"
             runs = {}  # mode -> run(steps, callback)
@@ -314,7 +321,8 @@ def main() -> None:
             ref_s = results["diffusers fp32"]
             for mode, s in results.items():
                 dtype = next((d for d in ("bf16", "fp16") if d in mode), "fp32")
-                flops = unet_gf + (0 if "base only" in mode else control_gf * (0.5 if "end=0.5" in mode else 1))
+                flops = (unet_gf + (0 if "base only" in mode else control_gf * (0.5 if "end=0.5" in mode else 1))
+                         + (hint_gf if mode.startswith("diffusers") else 0))
                 row = {"resolution": res, "mode": mode, "s_per_step": round(s, 4),
                        "rounds": [round(t, 4) for t in times[mode]],
                        "page_faults_per_step": round(statistics.median(faults[mode])),
