@@ -72,6 +72,11 @@ def test_generate_with_bundled_nano_models(tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = (np.asarray(Image.open(tmp_path / f), dtype=int) for f in ("one.png", "plain.png"))
     assert np.abs(a - b).max() <= 2
+    # torch.compile (inductor; the only test that runs its code generation: ~2 min on 2 cores)
+    r = run("generate", "--prompt", "a blue square", "--steps", "2", "--compile", "--out", str(tmp_path / "c.png"))
+    assert r.returncode == 0, r.stderr
+    c = np.asarray(Image.open(tmp_path / "c.png"), dtype=int)
+    assert np.abs(a - c).max() <= 2
 
 
 def test_generate_errors_are_one_line(tmp_path):
