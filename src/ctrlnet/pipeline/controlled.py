@@ -154,12 +154,14 @@ class Pipeline:
         on where that applies; a ``PackedWeights`` to choose otherwise (kept across calls, linear
         layers too).
         ``compile``: the denoising loop calls the UNet and the ControlNets through ``torch.compile``
-        (True: on a GPU ``mode="reduce-overhead"``, i.e. CUDA graphs, which remove the per-kernel
-        launch cost that bounds a GPU step; on a CPU inductor with ``freezing``, which packs the
-        weights itself, so ``packed_weights`` is off); a dict: ``torch.compile``'s keyword arguments.
-        Each new image size or set of active nets compiles first (minutes for SD1.5-sized models);
-        compiled graphs read the weights as they were then (CPU freezing folds them in: weights
-        changed afterwards need a new Pipeline). BENCHMARKS.md measures it."""
+        (True: ``dynamic=False``, on a GPU with ``mode="reduce-overhead"``, i.e. CUDA graphs, which
+        remove the per-kernel launch cost that bounds a GPU step; a dict: ``torch.compile``'s keyword
+        arguments). On a CPU the loop runs under inductor's ``freezing`` (weights folded in as
+        constants and packed by inductor, so ``packed_weights`` is off). Every new image size, batch
+        (images, CFG, regions), set of active nets, scale or control mode is one more graph to compile
+        (minutes for SD1.5-sized models; after ``torch._dynamo.config.recompile_limit`` (8) graphs a
+        model runs uncompiled). Compiled graphs keep the weights they saw: after changing weights
+        call ``torch._dynamo.reset()``. BENCHMARKS.md measures it."""
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
@@ -170,21 +172,24 @@ class Pipeline:
         if packing_asked and not cpu_fp32:
             raise ValueError("packed_weights=True needs the CPU, fp32 and a PyTorch with oneDNN "
                              f"(here: {device}, {dtype}, oneDNN {packing_available()})")
-        if packing_asked and compile:
+        compiling = isinstance(compile, dict) or bool(compile)  # {} = torch.compile's defaults
+        if packing_asked and compiling:
             raise ValueError("packed_weights and compile exclude each other: a compiled CPU graph packs its "
                              "weights itself (inductor freezing); pass one of them")
         if isinstance(compile, dict):
             self.compile_kwargs: dict | None = dict(compile)
-        elif compile:
-            self.compile_kwargs = ({"mode": "reduce-overhead", "dynamic": False} if device == "cuda"
-                                   else {"options": {"freezing": True}, "dynamic": False})
+        elif compiling:
+            self.compile_kwargs = {"mode": "reduce-overhead", "dynamic": False} if device == "cuda" else {"dynamic": False}
         else:
             self.compile_kwargs = None
+        # inductor's freezing must be on while dynamo traces (it decides then whether weights become
+        # constants), i.e. during the loop's first calls, not only in torch.compile(options=...)
+        self.inductor_config = {"freezing": True} if compiling and device == "cpu" else {}
         self._compiled: dict[int, Any] = {}  # id(module) -> its torch.compile wrapper
         if isinstance(packed_weights, PackedWeights):
             self.packed = packed_weights
         else:
-            use = cpu_fp32 and not compile if packed_weights is None else packed_weights
+            use = cpu_fp32 and not compiling if packed_weights is None else packed_weights
             self.packed = PackedWeights(in_place=True) if use else None
         if channels_last:
             base.unet.to(memory_format=torch.channels_last)
@@ -399,11 +404,15 @@ class Pipeline:
                 bar.update(1)
             if callback is not None:
                 callback(i)
-        # packed weights in the loop only: the text encoder and the VAE run once per call, where a
-        # packed copy would cost memory and save nothing
         loop_base = dataclasses.replace(base, unet=self.compiled(base.unet))
         cuda_graphs = self.compile_kwargs is not None and device.type == "cuda"
-        with self.packed.active() if self.packed is not None else contextlib.nullcontext():
+        freezing = contextlib.nullcontext()
+        if self.inductor_config:
+            import torch._inductor.config as inductor_config
+            freezing = inductor_config.patch(self.inductor_config)
+        # packed weights in the loop only: the text encoder and the VAE run once per call, where a
+        # packed copy would cost memory and save nothing
+        with self.packed.active() if self.packed is not None else contextlib.nullcontext(), freezing:
             latents = denoise(loop_base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
                               generator=gen, inpaint=inpaint, callback=on_step, regions=region_batch,
                               cuda_graphs=cuda_graphs)

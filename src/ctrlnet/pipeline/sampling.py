@@ -173,7 +173,7 @@ def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, schedule
         pred = controlled_unet_forward(unet, unet_in.to(unet.dtype), t, text.to(unet.dtype), residuals,
                                        added_cond_kwargs=added).float()
         if cuda_graphs:
-            pred = pred.clone()  # samplers such as LMS keep past predictions
+            pred = pred.clone()  # samplers such as PNDM keep past predictions
         if regions:  # the conditional block becomes the composition of the main and the region prompts
             main_rows = (2 if cfg else 1) * b
             pred_regions = pred[main_rows:].reshape(blocks - main_rows // b, b, *pred.shape[1:])  # (R, B, C, h, w)
