@@ -23,7 +23,10 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 
 s/step: after a 1-step warm-up call, the time from the start of a ``--steps`` call to its last
 step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 without the net); on a
-GPU the last callback waits for the GPU (``torch.cuda.synchronize()``) before its timestamp. With
+GPU the first and last callbacks wait for the GPU (``torch.cuda.synchronize()``) before their
+timestamps. Steady s/step: from the first step's callback to the last's, divided by steps - 1,
+i.e. without the per-call work (prompt encoding, hint features, the in-place packing in the first
+step), which a few-step call magnifies; for end=0.5 it covers the later steps only. With
 ``--repeat N`` every mode is timed N times, the modes interleaved round by round (machines drift:
 the same mode moved by 63% between two runs on a GPU), and the median is reported.
 
@@ -118,10 +121,12 @@ def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float,
     return unet, control, hint_encoder
 
 
-def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float, float, float]:
-    """(seconds, minor page faults) per denoising step, and the warm-up's seconds: a ``warmup``-step
-    call, then ``steps`` steps from the call's start to the last step's callback (prompt encoding and
-    hint features, done once, are included; decoding is not)."""
+def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float, float, float, float]:
+    """(seconds, minor page faults) per denoising step, the warm-up's seconds, and the steady seconds
+    per step: a ``warmup``-step call, then ``steps`` steps from the call's start to the last step's
+    callback (prompt encoding and hint features, done once, are included; decoding is not). Steady:
+    from the first step's callback to the last one's, per step (without the call's setup and first
+    step, where the in-place packing happens; NaN for 1 step)."""
     sync(device)
     warm = time.perf_counter()
     run(warmup, lambda: None)
@@ -129,8 +134,8 @@ def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float
     warm = time.perf_counter() - warm
     stamps = []
 
-    def stamp():  # waits for the GPU at the last step only, so the host may run ahead as in real use
-        if len(stamps) == steps - 1:
+    def stamp():  # waits for the GPU at the first and last steps only, so the host may run ahead as in real use
+        if len(stamps) in (0, steps - 1):
             sync(device)
         stamps.append(time.perf_counter())
     sync(device)
@@ -138,7 +143,8 @@ def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float
     faults = minor_faults()
     run(steps, stamp)
     assert len(stamps) == steps
-    return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps, warm
+    steady = (stamps[-1] - stamps[0]) / (steps - 1) if steps > 1 else float("nan")
+    return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps, warm, steady
 
 
 def minor_faults() -> int:
@@ -290,10 +296,13 @@ def main() -> None:
             times = {mode: [] for mode in runs}
             faults = {mode: [] for mode in runs}
             first_call = {}  # mode -> the first round's warm-up seconds (compiled modes compile there)
+            steady = {mode: [] for mode in runs}
             for _ in range(args.repeat):
                 for mode, run in runs.items():
-                    seconds, step_faults, warm = timed(run, args.steps, device, warmup=4 if "compiled" in mode else 1)
+                    seconds, step_faults, warm, steady_s = timed(run, args.steps, device,
+                                                                 warmup=4 if "compiled" in mode else 1)
                     times[mode].append(seconds)
+                    steady[mode].append(steady_s)
                     faults[mode].append(step_faults)
                     first_call.setdefault(mode, warm)
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
@@ -320,7 +329,10 @@ def main() -> None:
                        "rounds": [round(t, 4) for t in times[mode]],
                        "page_faults_per_step": round(statistics.median(faults[mode])),
                        "speedup_vs_diffusers_fp32": round(ref_s / s, 2), "gflop_per_step": round(flops, 1),
-                       "gflops": round(flops / s, 1), "dtype": dtype, "first_call_s": round(first_call[mode], 1)}
+                       "gflops": round(flops / s, 1), "dtype": dtype, "first_call_s": round(first_call[mode], 1),
+                       "steady_s_per_step": round(statistics.median(steady[mode]), 4),
+                       "steady_speedup_vs_diffusers_fp32": round(statistics.median(steady["diffusers fp32"])
+                                                                 / statistics.median(steady[mode]), 2)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for r in rows:  # fractions against the final (highest) peaks
@@ -331,13 +343,14 @@ def main() -> None:
     print(f"\nallocator: {args.allocator}; matmul peaks (GFLOPS): "
           + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
     print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak (its dtype) "
-          "| of TF32 peak (GPU fp32) | page faults/step | first call (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| of TF32 peak (GPU fp32) | page faults/step | first call (s) | steady s/step | steady vs diffusers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tf32 = f"{r['peak_fraction_tf32']:.0%}" if "peak_fraction_tf32" in r else "-"
         print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.3g} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
               f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} | {tf32} | "
-              f"{r['page_faults_per_step']:,} | {r['first_call_s']:.1f} |")
+              f"{r['page_faults_per_step']:,} | {r['first_call_s']:.1f} | {r['steady_s_per_step']:.3g} | "
+              f"{r['steady_speedup_vs_diffusers_fp32']:.2f}x |")
 
 
 if __name__ == "__main__":

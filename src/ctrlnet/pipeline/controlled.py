@@ -235,13 +235,13 @@ class Pipeline:
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` as the denoising loop calls it: its ``torch.compile`` wrapper (made once, kept
         with the Pipeline) when ``compile`` is on, else itself. The wrapper passes attribute reads
-        (``config``, ``dtype``) through to the module."""
+        (``config``, ``dtype``) through to the module. (The wrapper keeps its module alive, so an id
+        is never reused for another module while its entry exists.)"""
         if self.compile_kwargs is None:
             return module
-        hit = self._compiled.get(id(module))
-        if hit is None or hit._orig_mod is not module:
-            hit = self._compiled[id(module)] = torch.compile(module, **self.compile_kwargs)
-        return hit
+        if id(module) not in self._compiled:
+            self._compiled[id(module)] = torch.compile(module, **self.compile_kwargs)
+        return self._compiled[id(module)]
 
     def controlnet(self, model: Any) -> ControlNet:
         """A loaded ControlNet for a name, path or net (loaded once, then reused)."""
