@@ -309,6 +309,18 @@ def test_compiled_models_give_the_same_latents(bases):
     assert Pipeline(base, compile={}).packed is None
 
 
+def test_compile_on_a_cpu_without_a_compiler_is_a_clear_error(bases, monkeypatch):
+    """inductor's CPU kernels are C++: without a compiler the Pipeline says so up front, instead of
+    failing mid-generation; other backends (no code generation) need none."""
+    base = load_base(bases["sd15"])
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    for compile in (True, {"mode": "max-autotune"}):
+        with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+            Pipeline(base, compile=compile)
+    assert Pipeline(base, compile={"backend": "aot_eager"}).compile_kwargs == {"backend": "aot_eager"}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_checks.sh runs it)")
 @pytest.mark.parametrize("dtype, guidance, scheduler", [(torch.bfloat16, 5.0, "dpmpp_2m"), (torch.float32, 1.0, "pndm")])
 def test_cuda_graphs_give_the_same_latents(bases, dtype, guidance, scheduler):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +178,10 @@ class Pipeline:
         if packing_asked and compiling:
             raise ValueError("packed_weights and compile exclude each other: a compiled CPU graph packs its "
                              "weights itself (inductor freezing); pass one of them")
+        if compiling and device == "cpu" and (compile if isinstance(compile, dict) else {}).get("backend", "inductor") \
+                == "inductor" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
+            raise ValueError("compile on a CPU needs a C++ compiler for inductor's kernels (c++, g++ or clang++ on "
+                             "PATH, or CXX): install one (Debian: apt install g++) or leave compile off")
         if isinstance(compile, dict):
             self.compile_kwargs: dict | None = dict(compile)
         elif compiling:
