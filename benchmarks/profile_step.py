@@ -7,6 +7,7 @@ halves), the hint features computed once; by default through ``ctrlnet.prepack``
 kept, as after a call's first step). Two warm-up steps, one timed step, one step under
 torch.profiler (self time per op), one under torch.utils.flop_counter (FLOPs per op; attention
 through the math SDPA backend, whose matmuls the counter sees, and timed as the fused CPU kernel).
+Then the fp32 matmul peak probe of ``bench_generate.py``, to compare each op's GFLOPS with.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import matmul_peak_gflops  # noqa: E402
 from bench_train import random_sd15_base  # noqa: E402
 
 # profiler op names -> the flop counter's op for the same work
@@ -84,6 +86,7 @@ def main() -> None:
         rate = f"{gf / seconds[group]:.0f}" if gf and seconds[group] else "-"
         print(f"| {group} | {calls[group] or '-'} | {seconds[group]:.2f} s ({seconds[group] / total:.0%}) | "
               f"{gf:.1f} | {rate} |")
+    print(f"\nfp32 matmul peak probe (after the steps): {matmul_peak_gflops(torch.float32):.1f} GFLOPS")
 
 
 if __name__ == "__main__":
