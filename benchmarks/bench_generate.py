@@ -3,6 +3,7 @@ ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run
 
     .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
         [--dtypes fp32,bf16,fp16] [--channels-last] [--compile] [--repeat N] [--allocator system|retain]
+        [--modes 'diffusers fp32,ctrlnet fp32']
     .venv/bin/python benchmarks/bench_generate.py --peak-rss [--resolutions 512] [--steps 2]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
@@ -205,6 +206,9 @@ def main() -> None:
                         help="instead of timings: peak RSS of one generation (--steps steps, first resolution) "
                              "with the default (packed in place), packed copies kept, linear layers packed too "
                              "and unpacked, each in a fresh process")
+    parser.add_argument("--modes", default="",
+                        help="time only these modes (comma-separated row labels, e.g. 'diffusers fp32,ctrlnet fp32'; "
+                             "'diffusers fp32' is always kept as the reference); default: all")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_rss or args.child:
@@ -293,6 +297,12 @@ def main() -> None:
                 runs[f"ctrlnet {label} base only"] = lambda k, cb, run=run: run(k, cb, controls=())
                 runs[f"ctrlnet {label} end=0.5"] = lambda k, cb, run=run: run(
                     k, cb, controls=(Control("net", image, end=0.5),))
+            if args.modes:  # long calls (e.g. 20 steps at 512 px) leave time for a few modes only
+                wanted = ["diffusers fp32", *(m.strip() for m in args.modes.split(",") if m.strip())]
+                unknown = [m for m in wanted if m not in runs]
+                if unknown:
+                    raise SystemExit(f"--modes: unknown {unknown}; the modes of this run: {list(runs)}")
+                runs = {mode: runs[mode] for mode in dict.fromkeys(wanted)}
             times = {mode: [] for mode in runs}
             faults = {mode: [] for mode in runs}
             first_call = {}  # mode -> the first round's warm-up seconds (compiled modes compile there)
