@@ -165,7 +165,8 @@ def cmd_eval(args) -> None:
     report = evaluate(args.base, [parse_eval_control(c) for c in args.control], args.data, args.out, n=args.n,
                       seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                       guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, dtype=args.dtype,
-                      baseline=not args.no_baseline, split_objects=args.split_objects, regions=args.regions)
+                      baseline=not args.no_baseline, split_objects=args.split_objects, regions=args.regions,
+                      compile=args.compile)
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'} ({report['seconds']} s)")
 
@@ -182,7 +183,8 @@ def cmd_serve(args) -> None:
         nets[name] = path
     serve(ServeConfig(host=args.host, port=args.port, base=args.base, controlnets=nets, dtype=args.dtype,
                       queue=args.queue, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                      max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images))
+                      max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
+                      compile=args.compile))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no-baseline", action="store_true", help="skip the same prompts without control")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and ControlNets (see generate --compile); pays off over many batches")
     p.add_argument("--split-objects", action="store_true",
                    help="ShapesWorld: control k acts around object k only (e.g. canny one object, segmentation another)")
     p.add_argument("--regions", action="store_true",
@@ -287,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=int, default=1024, help="largest width/height (and detect resolution)")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and ControlNets (see generate --compile); each new image size, "
+                        "batch or set of active nets compiles once, for minutes, on the request that meets it")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="make data sets")

@@ -132,3 +132,23 @@ def test_regions_give_each_object_its_own_prompt(val, tmp_path):
     report = evaluate("nano", [EvalControl("nano-canny", annotator="canny")], val, tmp_path / "r", n=2, steps=2,
                       progress=False, regions=True)
     assert report["regions"] is True and "colour_accuracy" in report["results"][0]["metrics"]
+
+
+def test_compiled_eval_scores_like_eager(val, tmp_path):
+    """evaluate(compile=...) (`ctrlnet eval --compile`): the same scores as the eager run, through
+    the compiled UNet and ControlNet (aot_eager: dynamo's capture without code generation, fast)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    units = [EvalControl("nano-canny", annotator="canny")]
+    eager = evaluate("nano", units, val, tmp_path / "eager", n=2, steps=2, progress=False, baseline=False)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = evaluate("nano", units, val, tmp_path / "compiled", n=2, steps=2, progress=False, baseline=False,
+                            compile={"backend": "aot_eager", "dynamic": False})
+        assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # the net; the UNet
+    finally:
+        torch._dynamo.reset()
+    assert compiled["settings"]["compile"] == {"backend": "aot_eager", "dynamic": False}
+    got, want = compiled["results"][0]["metrics"], eager["results"][0]["metrics"]
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 0.02 for k in want), (got, want)

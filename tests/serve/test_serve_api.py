@@ -160,3 +160,33 @@ def test_cli_names_a_missing_controlnet(capsys):
     from ctrlnet.cli import main
     assert main(["serve", "--controlnet", "mine=/no/such/net.safetensors"]) == 2
     assert "--controlnet mine=/no/such/net.safetensors: no such file or folder" in capsys.readouterr().err
+
+
+def test_compiled_server_runs_every_generation_on_one_model_thread(shapes_sample):
+    """ServeConfig(compile=...) (`ctrlnet serve --compile`): the Pipeline compiles its UNet and
+    ControlNets, and requests arriving on different HTTP threads all run on the one model thread
+    (per-thread state such as CUDA graph trees is made once), with the eager images."""
+    import torch._dynamo
+    from ctrlnet import Control, Pipeline
+    from ctrlnet.serve.app import GenerateRequest, ServeConfig, Server
+    sample, maps = shapes_sample
+    req = GenerateRequest(prompt=sample.prompt, steps=3, seed=7, controls=[{"model": "nano-canny"}])
+    torch._dynamo.reset()
+    try:
+        server = Server(ServeConfig(compile={"backend": "aot_eager", "dynamic": False}))
+        steps, results = [], []
+        for _ in range(2):  # each request from its own thread, as the HTTP server's thread pool does
+            t = threading.Thread(target=lambda: results.append(server.generate(
+                req, [maps["canny"]], on_step=lambda i: steps.append(threading.current_thread().name))))
+            t.start()
+            t.join(300)
+        assert len(results) == 2 and len(steps) == 6
+        assert len(set(steps)) == 1 and steps[0].startswith("ctrlnet-model")
+        assert len(server.pipe._compiled) == 2  # the UNet's and nano-canny's torch.compile wrappers
+    finally:
+        torch._dynamo.reset()
+    ref = Pipeline.from_pretrained("nano", controlnets=["nano-canny"])(
+        sample.prompt, controls=[Control("nano-canny", maps["canny"])], steps=3, seed=7).images[0]
+    for r in results:
+        got = np.asarray(decode_data_url(r["images"][0]).convert("RGB")).astype(int)
+        assert np.abs(got - np.asarray(ref).astype(int)).max() <= 2

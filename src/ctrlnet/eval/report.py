@@ -160,8 +160,9 @@ def score_image(image: np.ndarray, sample: dict, controls: list[EvalControl], co
 def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str | Path, n: int = 200,
              seeds: int = 1, steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
              scheduler: str = "ddim", dtype: str = "fp32", baseline: bool = True, split_objects: bool = False,
-             progress: bool = True, batch: int = 16, regions: bool = False) -> dict:
-    """Generate, score and write the report; returns the report dict (also ``out/report.json``)."""
+             progress: bool = True, batch: int = 16, regions: bool = False, compile: bool | dict = False) -> dict:
+    """Generate, score and write the report; returns the report dict (also ``out/report.json``).
+    ``compile``: ``Pipeline(compile=...)`` (torch.compile of the UNet and ControlNets)."""
     from ..pipeline import Control, Pipeline
     if not controls:
         raise ValueError("eval: give at least one --control")
@@ -172,7 +173,7 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
         if not samples:
             raise ValueError(f"eval: split_objects needs ShapesWorld samples with >= {len(controls)} objects")
     variants = expand_models(controls)
-    pipe = Pipeline.from_pretrained(base, dtype=dtype)
+    pipe = Pipeline.from_pretrained(base, dtype=dtype, compile=compile)
     size = samples[0]["target"].shape[0]
     conditions = []  # per sample: one map per control
     for s in samples:
@@ -223,7 +224,7 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
     report = {
         "base": str(base), "data": str(data), "n": len(samples), "seeds": seeds, "images_per_config": len(last_images),
         "controls": [asdict(c) for c in controls], "split_objects": split_objects,
-        "regions": regions, "settings": {**settings, "dtype": dtype, "seed_rule": "sample i, image j: seed i * seeds + j"},
+        "regions": regions, "settings": {**settings, "dtype": dtype, "compile": compile, "seed_rule": "sample i, image j: seed i * seeds + j"},
         "results": results, "baseline": base_metrics, "seconds": round(seconds, 1),
         "versions": {"ctrlnet": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},

@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
@@ -51,6 +52,8 @@ class ServeConfig:
     max_steps: int = 100
     max_images: int = 4              # images per request
     max_controls: int = 4
+    # torch.compile the UNet and ControlNets (Pipeline(compile=...)): True, or torch.compile's kwargs
+    compile: Union[bool, dict] = False
 
 
 # ---------------------------------------------------------------------- request / response schemas
@@ -134,8 +137,12 @@ class Server:
         if pipeline is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype)
+                pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype, compile=config.compile)
         self.pipe = pipeline
+        # every generation runs on this one thread: the per-thread state of the model code (the packed
+        # weights' TorchFunctionMode, CUDA graph trees, which record one set of graphs per thread) is
+        # then made once, not once per request thread of the HTTP server
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrlnet-model")
         named = dict(config.controlnets)
         if config.base == "nano":
             from ..testbed import bundled_controlnets
@@ -247,10 +254,11 @@ class Server:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                result = self.pipe(req.prompt, controls=controls, negative_prompt=req.negative_prompt,
-                                   steps=req.steps, guidance=req.guidance, guidance_rescale=req.guidance_rescale,
-                                   seed=req.seed, num_images=req.num_images, width=req.width, height=req.height,
-                                   scheduler=req.scheduler, callback=on_step)
+                result = self.model_thread.submit(
+                    self.pipe, req.prompt, controls=controls, negative_prompt=req.negative_prompt,
+                    steps=req.steps, guidance=req.guidance, guidance_rescale=req.guidance_rescale, seed=req.seed,
+                    num_images=req.num_images, width=req.width, height=req.height, scheduler=req.scheduler,
+                    callback=on_step).result()
             except ValueError as e:  # the pipeline's own checks: annotator parameters, images, ...
                 raise ApiError(400, str(e)) from None
         notes = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
