@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Jobs that allocate the same tensors step after step on the main thread: keep freed memory for reuse
 # (ctrlnet.allocator). `train` leaves it to the Trainer (its retain_cpu_memory setting); `serve` generates on
-# its model thread, whose glibc arena keeps only part of what it frees (blocks churned in a thread: 48 MiB
-# ones faulted 3,073 pages each instead of 12,289, 100 MiB ones all 25,601), so it is not applied there.
+# its model thread, whose glibc arena keeps only part of what it frees (blocks of 64 MiB and more are mapped
+# afresh each time), so it is not applied there (not measured on a whole generation).
 RETAIN_MEMORY = ("generate", "eval")
 
 
