@@ -27,7 +27,9 @@ step's callback, divided by the steps (end=0.5 with 4 steps: 2 steps with, 2 wit
 GPU the first and last callbacks wait for the GPU (``torch.cuda.synchronize()``) before their
 timestamps. Steady s/step: from the first step's callback to the last's, divided by steps - 1,
 i.e. without the per-call work (prompt encoding, hint features, the in-place packing in the first
-step), which a few-step call magnifies; for end=0.5 it covers the later steps only. With
+step), which a few-step call magnifies; for end=0.5 it covers the later steps only. S/step to
+return: from the start to the call's return, divided by the steps: also what runs after the last
+step (the in-place default restores its weights there; latents are returned, not decoded). With
 ``--repeat N`` every mode is timed N times, the modes interleaved round by round (machines drift:
 the same mode moved by 63% between two runs on a GPU), and the median is reported.
 
@@ -122,12 +124,14 @@ def step_flops(base, net, resolution: int, device: torch.device) -> tuple[float,
     return unet, control, hint_encoder
 
 
-def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float, float, float, float]:
-    """(seconds, minor page faults) per denoising step, the warm-up's seconds, and the steady seconds
-    per step: a ``warmup``-step call, then ``steps`` steps from the call's start to the last step's
-    callback (prompt encoding and hint features, done once, are included; decoding is not). Steady:
-    from the first step's callback to the last one's, per step (without the call's setup and first
-    step, where the in-place packing happens; NaN for 1 step)."""
+def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float, float, float, float, float]:
+    """(seconds, minor page faults) per denoising step, the warm-up's seconds, the steady seconds per
+    step and the seconds per step to the call's return: a ``warmup``-step call, then ``steps`` steps
+    from the call's start to the last step's callback (prompt encoding and hint features, done once,
+    are included; decoding is not). Steady: from the first step's callback to the last one's, per step
+    (without the call's setup and first step, where the in-place packing happens; NaN for 1 step). To
+    return: from the start to the call's return, per step (also what runs after the last step: the
+    in-place default's restore of the weights; latents out, so no decoding)."""
     sync(device)
     warm = time.perf_counter()
     run(warmup, lambda: None)
@@ -143,9 +147,11 @@ def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float
     start = time.perf_counter()
     faults = minor_faults()
     run(steps, stamp)
+    sync(device)
+    returned = time.perf_counter()
     assert len(stamps) == steps
     steady = (stamps[-1] - stamps[0]) / (steps - 1) if steps > 1 else float("nan")
-    return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps, warm, steady
+    return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps, warm, steady, (returned - start) / steps
 
 
 def minor_faults() -> int:
@@ -282,10 +288,10 @@ def main() -> None:
                                                                           copy.deepcopy(net))
                 pipe = Pipeline(b, {"net": n}, dtype=torch_dtype, channels_last=nhwc, packed_weights=packed,
                                 compile=compiled)
-                pipes.append(pipe)
                 label = (f"{dtype} channels_last" if nhwc else f"{dtype} unpacked" if packed is False
                          else f"{dtype} packed copies kept" if packed is not None
                          else f"{dtype} compiled" if compiled else dtype)
+                pipes.append((label, pipe))
                 image = np.asarray(cond)
 
                 def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
@@ -307,17 +313,19 @@ def main() -> None:
             faults = {mode: [] for mode in runs}
             first_call = {}  # mode -> the first round's warm-up seconds (compiled modes compile there)
             steady = {mode: [] for mode in runs}
+            to_return = {mode: [] for mode in runs}
             for _ in range(args.repeat):
                 for mode, run in runs.items():
-                    seconds, step_faults, warm, steady_s = timed(run, args.steps, device,
-                                                                 warmup=4 if "compiled" in mode else 1)
+                    seconds, step_faults, warm, steady_s, call_s = timed(run, args.steps, device,
+                                                                         warmup=4 if "compiled" in mode else 1)
                     times[mode].append(seconds)
                     steady[mode].append(steady_s)
+                    to_return[mode].append(call_s)
                     faults[mode].append(step_faults)
                     first_call.setdefault(mode, warm)
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
-            for pipe in pipes:  # how much was packed (kept copies: that much more memory)
-                if pipe.packed is not None:
+            for label, pipe in pipes:  # how much was packed (kept copies: that much more memory)
+                if pipe.packed is not None and f"ctrlnet {label}" in runs:
                     n, size = ((pipe.packed.last_packed, pipe.packed.last_nbytes) if pipe.packed.in_place
                                else (len(pipe.packed), pipe.packed.nbytes))
                     print(json.dumps({"resolution": res, "packed_weights": n, "packed_gib": round(size / 2 ** 30, 2),
@@ -342,7 +350,10 @@ def main() -> None:
                        "gflops": round(flops / s, 1), "dtype": dtype, "first_call_s": round(first_call[mode], 1),
                        "steady_s_per_step": round(statistics.median(steady[mode]), 4),
                        "steady_speedup_vs_diffusers_fp32": round(statistics.median(steady["diffusers fp32"])
-                                                                 / statistics.median(steady[mode]), 2)}
+                                                                 / statistics.median(steady[mode]), 2),
+                       "to_return_s_per_step": round(statistics.median(to_return[mode]), 4),
+                       "to_return_speedup_vs_diffusers_fp32": round(statistics.median(to_return["diffusers fp32"])
+                                                                    / statistics.median(to_return[mode]), 2)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for r in rows:  # fractions against the final (highest) peaks
@@ -353,14 +364,16 @@ def main() -> None:
     print(f"\nallocator: {args.allocator}; matmul peaks (GFLOPS): "
           + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
     print("\n| px | mode | s/step | vs diffusers fp32 | GFLOP/step | GFLOPS | of matmul peak (its dtype) "
-          "| of TF32 peak (GPU fp32) | page faults/step | first call (s) | steady s/step | steady vs diffusers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| of TF32 peak (GPU fp32) | page faults/step | first call (s) | steady s/step | steady vs diffusers "
+          "| s/step to return | to return vs diffusers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tf32 = f"{r['peak_fraction_tf32']:.0%}" if "peak_fraction_tf32" in r else "-"
         print(f"| {r['resolution']} | {r['mode']} | {r['s_per_step']:.3g} | {r['speedup_vs_diffusers_fp32']:.2f}x | "
               f"{r['gflop_per_step']:.0f} | {r['gflops']:.0f} | {r['peak_fraction']:.0%} | {tf32} | "
               f"{r['page_faults_per_step']:,} | {r['first_call_s']:.1f} | {r['steady_s_per_step']:.3g} | "
-              f"{r['steady_speedup_vs_diffusers_fp32']:.2f}x |")
+              f"{r['steady_speedup_vs_diffusers_fp32']:.2f}x | {r['to_return_s_per_step']:.3g} | "
+              f"{r['to_return_speedup_vs_diffusers_fp32']:.2f}x |")
 
 
 if __name__ == "__main__":

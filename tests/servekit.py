@@ -41,6 +41,23 @@ class Client:
                                              {"Content-Type": "application/json"}, timeout)
         return status, json.loads(body), headers
 
+    def headers_only(self, path: str, length: int) -> tuple[int, dict]:
+        """POST headers announcing ``length`` body bytes and no body: the status and JSON the server
+        answers from the headers alone. (Sending a body the server refuses races its close: the
+        client may get a broken pipe instead of the answer.)"""
+        host, port = self.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {length}\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        return int(head.split()[1]), json.loads(body)
+
     def multipart(self, path: str, fields: dict[str, str], files: dict[str, bytes]):
         boundary = "----ctrlnet-test-boundary"
         parts = []
@@ -53,6 +70,15 @@ class Client:
         status, headers, out = self.request("POST", path, body,
                                             {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         return status, json.loads(out)
+
+
+def _length(response: bytes) -> int:
+    """The Content-Length of a raw HTTP response's head."""
+    for line in response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 def png(a: np.ndarray) -> bytes:

@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4, help="images per request")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNets (see generate --compile); each new image size, "
-                        "batch or set of active nets compiles once, for minutes, on the request that meets it")
+                        "batch, set of active nets, weight or control mode compiles once, for minutes, on the "
+                        "request that meets it (past 8 such graphs a model runs uncompiled)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="make data sets")

@@ -63,6 +63,13 @@ def test_generate_equals_the_python_pipeline(server, shapes_sample):
         assert diff.max() <= 2  # same computation; threads may round differently
 
 
+def test_a_long_prompt_comes_back_as_a_warning(server):
+    """The Pipeline warns on the model thread; the response still carries the note."""
+    status, r, _ = server.post("/api/generate", {"prompt": " ".join(["red circle"] * 60), "steps": 1})
+    assert status == 200, r
+    assert len(r["warnings"]) == 1 and "the rest is cut" in r["warnings"][0]
+
+
 def test_generate_multipart(server, shapes_sample):
     sample, maps = shapes_sample
     request = {"prompt": sample.prompt, "steps": 2, "controls": [{"model": "nano-segmentation"}]}
@@ -100,6 +107,9 @@ def test_detect_errors(server, shapes_sample, payload, status, words):
     ({"controls": [{"model": "nano-canny", "image": "IMG", "mode": "loud"}]}, 422, ["controls.0.mode"]),
     ({"controls": [{"model": "nano-canny"}]}, 400, ["controls.0.image", "no image"]),
     ({"prompt": 5}, 422, ["prompt"]),
+    # raised by the Pipeline on the model thread, still a 400
+    ({"controls": [{"model": "nano-canny", "image": "IMG", "annotator": "canny", "params": {"lo": 1}}]}, 400,
+     ["unknown parameter", "lo"]),
 ])
 def test_generate_errors(server, shapes_sample, change, status, words):
     _, maps = shapes_sample
@@ -121,9 +131,8 @@ def test_bad_bodies(server):
 
 
 def test_oversize_upload_and_pixels(server):
-    # 2 MB of body against a 1 MB limit: refused before it is parsed
-    big = {"image": "A" * (2 * 2 ** 20), "annotator": "canny"}
-    status, r, _ = server.post("/api/detect", big)
+    # 2 MB of body announced against a 1 MB limit: refused from the headers, before any of it is read
+    status, r = server.headers_only("/api/detect", 2 * 2 ** 20)
     assert status == 413 and "limit" in r["error"]
     # a small file that decodes to 2000 x 2000 = 4 MP against a 1 MP limit: refused from its header
     status, r, _ = server.post("/api/detect", {"image": b64png(np.zeros((2000, 2000, 3), np.uint8)),

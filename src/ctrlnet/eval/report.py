@@ -162,7 +162,8 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
              scheduler: str = "ddim", dtype: str = "fp32", baseline: bool = True, split_objects: bool = False,
              progress: bool = True, batch: int = 16, regions: bool = False, compile: bool | dict = False) -> dict:
     """Generate, score and write the report; returns the report dict (also ``out/report.json``).
-    ``compile``: ``Pipeline(compile=...)`` (torch.compile of the UNet and ControlNets)."""
+    ``compile``: ``Pipeline(compile=...)`` (torch.compile of the UNet and ControlNets; with a checkpoint
+    glob, each checkpoint's net compiles anew)."""
     from ..pipeline import Control, Pipeline
     if not controls:
         raise ValueError("eval: give at least one --control")
@@ -215,7 +216,7 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
         results.append({"models": [u.model for u in units], "step": step, "metrics": metrics})
         last_images = images
         for u in units:  # free the nets of this checkpoint before the next
-            pipe.controlnets.pop(str(u.model), None)
+            pipe.remove_controlnet(str(u.model))
     base_images, base_metrics = run(None, "eval without control") if baseline else (None, None)
     seconds = time.perf_counter() - start
     import diffusers
@@ -241,7 +242,7 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
                          "shape_accuracy": "cleaned-mask geometry"},
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=repr) + "\n")  # repr: a compile backend
     write_markdown(report, out / "report.md")
     write_figures(report, samples, conditions, last_images, base_images, controls, seeds, out)
     return report

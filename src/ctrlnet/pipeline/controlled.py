@@ -238,6 +238,12 @@ class Pipeline:
         self.controlnets[key] = net
         return net
 
+    def remove_controlnet(self, key: str) -> None:
+        """Unload a ControlNet: drop it and its compile wrapper (which would keep it alive)."""
+        net = self.controlnets.pop(key, None)
+        if net is not None:
+            self._compiled.pop(id(net), None)
+
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` as the denoising loop calls it: its ``torch.compile`` wrapper (made once, kept
         with the Pipeline) when ``compile`` is on, else itself. The wrapper passes attribute reads

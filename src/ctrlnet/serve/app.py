@@ -53,6 +53,7 @@ class ServeConfig:
     max_images: int = 4              # images per request
     max_controls: int = 4
     # torch.compile the UNet and ControlNets (Pipeline(compile=...)): True, or torch.compile's kwargs
+    # (used when the Server loads the base; a Pipeline handed to Server keeps its own setting)
     compile: Union[bool, dict] = False
 
 
@@ -139,9 +140,8 @@ class Server:
                 warnings.simplefilter("ignore")
                 pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype, compile=config.compile)
         self.pipe = pipeline
-        # every generation runs on this one thread: the per-thread state of the model code (the packed
-        # weights' TorchFunctionMode, CUDA graph trees, which record one set of graphs per thread) is
-        # then made once, not once per request thread of the HTTP server
+        # every generation runs on this one thread, whichever HTTP thread took the request: CUDA graph
+        # trees (compile on a GPU) record one set of graphs per thread, so they are recorded once
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrlnet-model")
         named = dict(config.controlnets)
         if config.base == "nano":
@@ -251,17 +251,19 @@ class Server:
                             scale=u.scale, start=u.start, end=u.end, mode=u.mode, resize_mode=u.resize_mode)
                     for u, img in zip(req.controls, images)]
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                result = self.model_thread.submit(
-                    self.pipe, req.prompt, controls=controls, negative_prompt=req.negative_prompt,
-                    steps=req.steps, guidance=req.guidance, guidance_rescale=req.guidance_rescale, seed=req.seed,
-                    num_images=req.num_images, width=req.width, height=req.height, scheduler=req.scheduler,
-                    callback=on_step).result()
-            except ValueError as e:  # the pipeline's own checks: annotator parameters, images, ...
-                raise ApiError(400, str(e)) from None
-        notes = [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+
+        def work():  # on the model thread; its warnings are caught there
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = self.pipe(req.prompt, controls=controls, negative_prompt=req.negative_prompt,
+                                   steps=req.steps, guidance=req.guidance, guidance_rescale=req.guidance_rescale,
+                                   seed=req.seed, num_images=req.num_images, width=req.width, height=req.height,
+                                   scheduler=req.scheduler, callback=on_step)
+            return result, [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+        try:
+            result, notes = self.model_thread.submit(work).result()
+        except ValueError as e:  # the pipeline's own checks: annotator parameters, images, ...
+            raise ApiError(400, str(e)) from None
         w, h = result.images[0].size
         return {"images": [data_url(png_bytes(im, p)) for im, p in zip(result.images, result.parameters)],
                 "conditions": [data_url(png_bytes(m)) for m in result.conditions],
