@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no-baseline", action="store_true", help="skip the same prompts without control")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and ControlNets (see generate --compile); pays off over many batches")
+                   help="torch.compile the UNet and ControlNets (see generate --compile)")
     p.add_argument("--split-objects", action="store_true",
                    help="ShapesWorld: control k acts around object k only (e.g. canny one object, segmentation another)")
     p.add_argument("--regions", action="store_true",

@@ -297,6 +297,8 @@ def test_compiled_models_give_the_same_latents(bases, monkeypatch):
         assert counters["stats"]["unique_graphs"] == graphs == 3  # the net; the UNet with residuals; without
         assert not counters["graph_break"]
         assert pipe.compiled(base.unet) is pipe.compiled(base.unet) and pipe.compiled(base.unet)._orig_mod is base.unet
+        pipe.remove_controlnet("net")  # unloading drops the net's compile wrapper too (it would keep the net alive)
+        assert "net" not in pipe.controlnets and list(pipe._compiled) == [id(base.unet)]
     finally:
         torch._dynamo.reset()
     assert freezing == [True] * 4 and not inductor_config.freezing
