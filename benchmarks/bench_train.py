@@ -56,10 +56,10 @@ def peak_rss_gib() -> float:
 
 
 def random_sd15_base(tmp: Path):
-    """An SD1.5-sized BaseModel with random weights (no download): configs shipped in ctrlnet."""
+    """An SD1.5-sized LockedBase with random weights (no download): configs shipped in ctrlnet."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from ctrlnet.base import BaseModel, load_tokenizer, quiet_libraries
+    from ctrlnet.base import LockedBase, load_tokenizer, quiet_libraries
     from ctrlnet.models.control import lock
     from ctrlnet.testbed.tiny import write_byte_tokenizer
     quiet_libraries()
@@ -73,7 +73,7 @@ def random_sd15_base(tmp: Path):
     scheduler = DDIMScheduler.from_config(json.loads((CONFIGS / "scheduler" / "scheduler_config.json").read_text()))
     for m in (unet, vae, text):
         lock(m)
-    return BaseModel(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, kind="sd15",
+    return LockedBase(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, kind="sd15",
                      source="random")
 
 

@@ -102,7 +102,7 @@ def test_single_file_without_tokenizer_says_what_to_pass(tmp_path, tiny_bases):
 def test_shipped_configs_build_the_real_architectures():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
-    from ctrlnet.base import CONFIGS_DIR
+    from ctrlnet.configs import CONFIGS_DIR
     with torch.device("meta"):
         for kind, unet_params in (("sd15", 859_520_964), ("sd21", 865_910_724), ("sdxl", 2_567_463_684)):
             cfg = json.loads((CONFIGS_DIR / kind / "unet" / "config.json").read_text())

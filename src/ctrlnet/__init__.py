@@ -6,12 +6,12 @@
     down, mid = net(latents, t, text_embeddings, condition)
 """
 
-from .base import BaseModel, load_base
+from .base import LockedBase, load_base
 from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_controlnet
 from .models import ControlledUNet, ControlNet, ControlNetConfig, ControlUnit, lock, sum_residuals, zero_module
 from .pipeline import Control, Pipeline, Region
 
 __version__ = "0.1.0"
 __all__ = ["ControlNet", "ControlNetConfig", "ControlledUNet", "ControlUnit", "zero_module", "lock", "sum_residuals",
-           "load_base", "BaseModel", "load_controlnet", "save_controlnet", "inspect_checkpoint", "CheckpointError",
+           "load_base", "LockedBase", "load_controlnet", "save_controlnet", "inspect_checkpoint", "CheckpointError",
            "Pipeline", "Control", "Region"]

@@ -21,13 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
+                                                 convert_open_clip_checkpoint)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .configs import CONFIGS_DIR, classify_unet
 from .formats.keymap import build_keymap
 from .formats.safe_load import CheckpointError, read_state_dict
 from .models.control import lock
-
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+from .names import base_path
 
 
 class BaseLoadError(CheckpointError):
@@ -35,7 +41,7 @@ class BaseLoadError(CheckpointError):
 
 
 @dataclass
-class BaseModel:
+class LockedBase:
     """A locked text-to-image base: what a ControlNet is attached to."""
 
     unet: Any
@@ -60,19 +66,10 @@ class BaseModel:
         return {k: v for k, v in [("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder),
                                   ("text_encoder_2", self.text_encoder_2)] if v is not None}
 
-    def to(self, device=None, dtype=None) -> "BaseModel":
+    def to(self, device=None, dtype=None) -> "LockedBase":
         for part in self.parts().values():
             part.to(device=device, dtype=dtype)
         return self
-
-
-def classify_unet(unet_config: dict) -> str:
-    from .formats.controlnet_io import classify_base
-    from .models.controlnet import ControlNetConfig
-    try:
-        return classify_base(ControlNetConfig.from_unet_config(unet_config))
-    except ValueError:
-        return "custom"
 
 
 def check_tokenizer(tokenizer, where: str):
@@ -84,7 +81,6 @@ def check_tokenizer(tokenizer, where: str):
 
 
 def load_tokenizer(folder: str | Path):
-    from transformers import CLIPTokenizer
     folder = Path(folder)
     if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
         raise BaseLoadError(f"{folder}: no tokenizer here (expected vocab.json and merges.txt)")
@@ -92,7 +88,6 @@ def load_tokenizer(folder: str | Path):
 
 
 def _scheduler_from_config(config: dict, prediction_type: str | None = None):
-    import diffusers
     config = dict(config)
     cls_name = config.get("_class_name", "DDIMScheduler")
     cls = getattr(diffusers, cls_name, None)
@@ -112,8 +107,6 @@ def _read_json(path: Path) -> dict:
 
 def quiet_libraries():
     """diffusers/transformers print progress bars and advice on every load; ours is a CLI."""
-    import diffusers
-    import transformers
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -121,10 +114,11 @@ def quiet_libraries():
 
 
 def load_base(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
-              config_dir: str | Path | None = None, prediction_type: str | None = None) -> BaseModel:
-    """Load a base model from a diffusers folder or a single-file checkpoint (see module doc)."""
+              config_dir: str | Path | None = None, prediction_type: str | None = None) -> LockedBase:
+    """Load a base model from a diffusers folder or a single-file checkpoint (see module doc);
+    ``nano`` names the bundled nano base."""
     quiet_libraries()
-    path = Path(path)
+    path = base_path(path)
     if path.is_dir():
         base = _load_diffusers_folder(path, prediction_type)
     elif path.is_file():
@@ -138,9 +132,7 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: s
     return base
 
 
-def _load_diffusers_folder(path: Path, prediction_type: str | None) -> BaseModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+def _load_diffusers_folder(path: Path, prediction_type: str | None) -> LockedBase:
     index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else None
     if index is None:
         raise BaseLoadError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
@@ -160,7 +152,7 @@ def _load_diffusers_folder(path: Path, prediction_type: str | None) -> BaseModel
         raise BaseLoadError(f"{path}: cannot load the base model: {e}") from None
     scheduler_cfg = path / "scheduler" / "scheduler_config.json"
     scheduler = _scheduler_from_config(_read_json(scheduler_cfg), prediction_type)
-    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(path / "tokenizer"),
+    return LockedBase(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(path / "tokenizer"),
                      scheduler=scheduler, kind=classify_unet(dict(unet.config)), source=str(path),
                      text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
@@ -181,7 +173,6 @@ def detect_single_file_kind(keys) -> str:
 
 def unet_from_original(checkpoint: dict[str, torch.Tensor], unet_config: dict, source: str):
     """A diffusers UNet from ``model.diffusion_model.*`` tensors, every key accounted for."""
-    from diffusers import UNet2DConditionModel
     prefix = "model.diffusion_model."
     original = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
     unet = UNet2DConditionModel.from_config(unet_config)
@@ -211,11 +202,7 @@ def _load_strict(module, tensors: dict, source: str, what: str):
         raise BaseLoadError(f"{source}: {what} weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _load_single_file(path: Path, tokenizer, config_dir, prediction_type) -> BaseModel:
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
-                                                     convert_open_clip_checkpoint)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _load_single_file(path: Path, tokenizer, config_dir, prediction_type) -> LockedBase:
     checkpoint, _ = read_state_dict(path)
     kind = detect_single_file_kind(checkpoint)
     cfg_dir = Path(config_dir) if config_dir else CONFIGS_DIR / kind
@@ -249,6 +236,6 @@ def _load_single_file(path: Path, tokenizer, config_dir, prediction_type) -> Bas
         tokenizer_2 = load_tokenizer(tok_dir.parent / "tokenizer_2") if (tok_dir.parent / "tokenizer_2").is_dir() \
             else tok
     scheduler = _scheduler_from_config(_read_json(cfg_dir / "scheduler" / "scheduler_config.json"), prediction_type)
-    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok, scheduler=scheduler,
+    return LockedBase(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tok, scheduler=scheduler,
                      kind=classify_unet(unet_config), source=str(path), text_encoder_2=text_encoder_2,
                      tokenizer_2=tokenizer_2)

@@ -79,7 +79,7 @@ def test_residuals_equal_diffusers_controlnetmodel(unet, controlnet):
                                                       ("sd21", 364_228_240, 865_910_724)])
 def test_parameter_counts_of_full_configs(name, params, unet_params):
     from diffusers import UNet2DConditionModel
-    from ctrlnet.formats import known_base_unet_config
+    from ctrlnet.configs import known_base_unet_config
     with torch.device("meta"):
         net = ControlNet(known_controlnet_config(name))
         base = UNet2DConditionModel.from_config(known_base_unet_config(name))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctrlnet.pipeline.images import ImageError, load_image, resize_to, round_size, thin, to_rgb
+from ctrlnet.images import ImageError, load_image, resize_to, round_size, thin, to_rgb
 
 
 def test_modes_become_rgb(tmp_path):

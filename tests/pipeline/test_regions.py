@@ -88,7 +88,7 @@ def test_cli_region(tmp_path):
 
 def test_small_masks_are_resized_as_areas_not_thinned_like_edges(bases):
     """A sparse white-on-black mask looks like an edge map; it must keep its area when resized."""
-    from ctrlnet.pipeline.images import resize_plain, resize_to
+    from ctrlnet.images import resize_plain, resize_to
     pipe = Pipeline(load_base(bases["sd15"]))
     small = np.zeros((32, 32), np.uint8)
     small[8:16, 8:16] = 255  # 1/16 of the image

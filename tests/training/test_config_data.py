@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from ctrlnet.training import TrainConfig, load_config
-from ctrlnet.training.config import resolve_config_path, shipped_configs
+from ctrlnet.configs import shipped_train_configs
+from ctrlnet.training.config import resolve_config_path
 from ctrlnet.training.data import ControlDataset, DataError, crop_box, read_records
 
 
@@ -45,7 +46,7 @@ def test_defaults_are_the_originals():
 
 
 def test_shipped_configs_load():
-    shipped = shipped_configs()
+    shipped = shipped_train_configs()
     assert {"nano-canny", "nano-segmentation", "sd15"} <= set(shipped)
     for name in shipped:
         c = load_config(resolve_config_path(name), ["data=x", "base=b"])

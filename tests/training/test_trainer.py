@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ctrlnet.formats import load_controlnet
 from ctrlnet.training import TrainingError, train
-from ctrlnet.training.checkpoint import latest_checkpoint, unflat
+from ctrlnet.formats.checkpoint import latest_checkpoint, unflat
 from ctrlnet.training.data import DataError
 from ctrlnet.training.trainer import Trainer, lr_factor
 

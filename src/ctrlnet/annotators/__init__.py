@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..images import resize_any, to_rgb
+
 from .canny import canny
 from .colour import colour_shuffle, palette
 from .invert import invert
@@ -71,7 +73,6 @@ def get_annotator(name: str, detect_resolution: int | None = None, image_resolut
                          f"{sorted(accepted | {'detect_resolution', 'image_resolution'})}")
 
     def annotate(image: np.ndarray) -> np.ndarray:
-        from ..pipeline.images import resize_any, to_rgb
         image = to_rgb(image)
         h, w = image.shape[:2]
         x = image

@@ -62,7 +62,6 @@ def _run_one(args) -> tuple[str, str | None]:
     """Worker: annotate one file. Returns (output path, error or None)."""
     name, params, source, target = args
     from PIL import Image
-    from ..pipeline.images import ImageError, load_image
     from . import get_annotator
     try:
         image = load_image(source)

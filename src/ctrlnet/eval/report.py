@@ -65,7 +65,6 @@ def reextraction_metric(annotator: str):
 
 def load_samples(data: str | Path, n: int) -> list[dict]:
     """[{"target", "prompt", "condition" (the data's own), "columns": metadata row or {}, "root"}]."""
-    from ..pipeline.images import load_image
     from ..training.data import read_records
     path = Path(data)
     records = read_records(path, need_condition=False)[:n]
@@ -83,7 +82,6 @@ def load_samples(data: str | Path, n: int) -> list[dict]:
 
 def condition_for(control: EvalControl, sample: dict) -> np.ndarray:
     from ..annotators import get_annotator
-    from ..pipeline.images import load_image
     if control.annotator:
         return get_annotator(control.annotator)(sample["target"])
     if control.condition:

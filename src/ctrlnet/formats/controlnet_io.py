@@ -23,50 +23,17 @@ from typing import Any
 
 import torch
 
+from ..configs import KNOWN_BASES, classify_base, known_controlnet_config
 from ..models.controlnet import ControlNet, ControlNetConfig
+from ..names import UnknownName, controlnet_path, is_training_checkpoint
+from .checkpoint import controlnet_from_checkpoint
 from .keymap import build_keymap
 from .safe_load import CheckpointError, read_state_dict, write_safetensors
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-KNOWN_BASES = ("sd15", "sd21", "sdxl")
 PREFIX = "control_model."
 CONFIG_METADATA_KEY = "ctrlnet_config"  # our exports carry their exact config in safetensors metadata
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "diffusion_pytorch_model.bin")
-# Structural fields: equal values mean the same weight layout.
-STRUCTURAL = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
-              "use_linear_projection", "transformer_layers_per_block", "addition_embed_type", "mid_block_type")
-
-
-def known_base_unet_config(name: str) -> dict[str, Any]:
-    """The shipped diffusers UNet config of a known base (sd15, sd21, sdxl)."""
-    return json.loads((CONFIGS_DIR / name / "unet" / "config.json").read_text())
-
-
-def known_controlnet_config(name: str, **overrides) -> ControlNetConfig:
-    return ControlNetConfig.from_unet_config(known_base_unet_config(name), **overrides)
-
-
-def _norm(v):
-    return list(v) if isinstance(v, (tuple, list)) else v
-
-
-def _layout(config: ControlNetConfig) -> dict[str, Any]:
-    d = {f: _norm(getattr(config, f)) for f in STRUCTURAL}
-    if isinstance(d["transformer_layers_per_block"], int):  # 1 and (1, 1, 1, 1) are the same layout
-        d["transformer_layers_per_block"] = [d["transformer_layers_per_block"]] * len(config.down_block_types)
-    return d
-
-
-def classify_base(config: ControlNetConfig) -> str:
-    """sd15 / sd21 / sdxl when the weight layout equals that base's, else custom."""
-    layout = _layout(config)
-    for name in KNOWN_BASES:
-        if _layout(known_controlnet_config(name)) == layout:
-            return name
-    return "custom"
-
-
 # ---------------------------------------------------------------- detection
 
 def detect_format(keys) -> str:
@@ -225,18 +192,13 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
     overrides what is read or inferred (needed only for custom architectures saved
     by other tools, whose head counts the weights cannot tell).
     """
-    path = Path(path)
-    if not path.exists():
-        from ..testbed import bundled_controlnets
-        bundled = bundled_controlnets()
-        if str(path) not in bundled:
-            raise CheckpointError(f"{path}: no such ControlNet file or folder, and not a bundled name "
-                                  f"({', '.join(bundled) or 'none bundled'})")
-        path = bundled[str(path)]  # a bundled name: "nano-canny"
+    try:
+        path = controlnet_path(path)
+    except UnknownName as e:
+        raise CheckpointError(str(e)) from None
     if isinstance(config, dict):
         config = ControlNetConfig.from_dict(config)
-    if path.is_dir() and (path / "state.json").is_file() and (path / "state.safetensors").is_file():
-        from ..training.checkpoint import controlnet_from_checkpoint  # a `ctrlnet train` checkpoint (step-N)
+    if is_training_checkpoint(path):  # a `ctrlnet train` checkpoint (step-N)
         net = controlnet_from_checkpoint(path)
         return net.to(dtype) if dtype else net
     if path.is_dir():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..base import BaseModel, load_base
+from ..base import LockedBase, load_base
 from ..models.controlnet import ControlNet
 from ..prepack import PackedWeights
 from ..prepack import available as packing_available
@@ -114,7 +114,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_compatible(net: ControlNet, base: BaseModel, name: str) -> None:
+def check_compatible(net: ControlNet, base: LockedBase, name: str) -> None:
     """A clear error when a ControlNet was made for another base architecture."""
     nc, uc = net.config, base.unet.config
     problems = []
@@ -132,8 +132,8 @@ def check_compatible(net: ControlNet, base: BaseModel, name: str) -> None:
                          + "; ".join(problems) + ". Use a ControlNet trained for this base family.")
 
 
-def resolve_base(base: str | Path | BaseModel, dtype: torch.dtype = torch.float32) -> BaseModel:
-    if isinstance(base, BaseModel):
+def resolve_base(base: str | Path | LockedBase, dtype: torch.dtype = torch.float32) -> LockedBase:
+    if isinstance(base, LockedBase):
         return base
     if str(base) == "nano":
         from ..testbed import NANO_SD
@@ -144,7 +144,7 @@ def resolve_base(base: str | Path | BaseModel, dtype: torch.dtype = torch.float3
 class Pipeline:
     """A locked base plus ControlNets, loaded once; call it to generate."""
 
-    def __init__(self, base: BaseModel, controlnets: dict[str, ControlNet] | None = None,
+    def __init__(self, base: LockedBase, controlnets: dict[str, ControlNet] | None = None,
                  dtype: torch.dtype = torch.float32, name: str = "", channels_last: bool = False,
                  packed_weights: bool | PackedWeights | None = None, compile: bool | dict = False):
         """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
@@ -205,7 +205,7 @@ class Pipeline:
             self.add_controlnet(key, net)
 
     @classmethod
-    def from_pretrained(cls, base: str | Path | BaseModel = "nano", controlnets: Sequence[Any] = (),
+    def from_pretrained(cls, base: str | Path | LockedBase = "nano", controlnets: Sequence[Any] = (),
                         dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
                         channels_last: bool = False, packed_weights: bool | None = None,
                         compile: bool | dict = False) -> "Pipeline":

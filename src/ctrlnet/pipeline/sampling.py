@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..base import BaseModel
+from ..base import LockedBase
 from ..models.control import controlled_unet_forward, sum_residuals
 from ..models.controlnet import ControlNet
 
@@ -48,7 +48,7 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_text(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_text(base: LockedBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden (B, T, D), pooled (B, P) or None).
 
     SD1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
@@ -128,7 +128,7 @@ def compose_regions(pred_cond: torch.Tensor, pred_regions: torch.Tensor, weights
 
 
 @torch.no_grad()
-def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, scheduler, timesteps: torch.Tensor,
+def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, scheduler, timesteps: torch.Tensor,
             guidance: float, guidance_rescale: float = 0.0, controls: Sequence[ActiveControl] = (),
             added: dict | None = None, generator: torch.Generator | None = None,
             inpaint: dict | None = None, callback: Callable[[int], None] | None = None,
@@ -195,7 +195,7 @@ def denoise(base: BaseModel, latents: torch.Tensor, text: torch.Tensor, schedule
 
 
 @torch.no_grad()
-def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+def decode(base: LockedBase, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) latents -> (B, H, W, 3) uint8 images."""
     vae = base.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -205,7 +205,7 @@ def decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image(base: BaseModel, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def encode_image(base: LockedBase, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w), float32 (the posterior's mean when no generator)."""
     vae = base.vae
     dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist

@@ -9,13 +9,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..base import BaseModel
+from ..base import LockedBase
 from ..models.controlnet import ControlNet
 from .sampling import ActiveControl, decode, denoise, encode_text, sdxl_time_ids
 
 
 @torch.no_grad()
-def encode_prompts(base: BaseModel, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(base: LockedBase, prompts: list[str]) -> torch.Tensor:
     """(B, T, D) text embeddings; prompts longer than the tokenizer's context are truncated."""
     return encode_text(base, prompts)[0]
 
@@ -27,7 +27,7 @@ def initial_noise(shape: tuple[int, ...], b: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_to_image(base: BaseModel, prompts: list[str], steps: int = 25, guidance: float = 2.5,
+def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidance: float = 2.5,
                   guidance_rescale: float = 0.7, seed: int = 0, height: int | None = None, width: int | None = None,
                   negative_prompt: str = "", scheduler=None, controlnets: Sequence[ControlNet] = (),
                   conditions: Sequence[torch.Tensor] = (), scales: Sequence[float] | None = None) -> np.ndarray:

@@ -32,7 +32,8 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .queue import GenerationQueue, QueueFull
-from .uploads import UploadError, data_url, decode_base64, decode_image, png_bytes
+from ..images import RESIZE_MODES, png_bytes
+from .uploads import UploadError, data_url, decode_base64, decode_image
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -156,7 +157,6 @@ class Server:
 
     def models(self) -> dict:
         from ..annotators import ANNOTATORS
-        from ..pipeline.images import RESIZE_MODES
         from ..pipeline.sampling import CONTROL_MODES
         from ..pipeline.schedulers import SCHEDULERS
         base = self.pipe.base

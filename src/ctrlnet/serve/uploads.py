@@ -1,5 +1,5 @@
-"""Images in and out of the HTTP API: base64 / data-URL / raw bytes -> (H, W, 3) uint8 with the
-server's pixel cap checked before decoding; PNG (with the "parameters" chunk) -> data URL."""
+"""Images in and out of the HTTP API: base64 / data-URL -> bytes -> (H, W, 3) uint8 (decoded by
+``ctrlnet.images`` with the server's pixel cap) and HTTP statuses; PNG bytes -> data URL."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import binascii
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from ..images import ImageError, ImageTooLarge, read_image
 
 
 class UploadError(ValueError):
@@ -35,38 +36,12 @@ def decode_base64(data: str, where: str) -> bytes:
 
 def decode_image(raw: bytes, where: str, max_pixels: int) -> np.ndarray:
     """(H, W, 3) uint8 RGB; 400 for undecodable, 413 above ``max_pixels`` (checked from the header)."""
-    from ..pipeline.images import to_rgb
-    if not raw:
-        raise UploadError(f"{where}: empty image")
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.width * im.height > max_pixels:
-                raise UploadError(f"{where}: {im.width}x{im.height} has more than {max_pixels:,} pixels, this "
-                                  "server's limit; downscale it first", status=413)
-            im.load()
-            rgb = to_rgb(im, where)
-    except UploadError:
-        raise
-    except Image.DecompressionBombError:
-        raise UploadError(f"{where}: too many pixels; downscale it first", status=413) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UploadError(f"{where}: cannot decode image ({e}); send a PNG, JPEG or WebP") from None
-    if rgb.size == 0:
-        raise UploadError(f"{where}: empty image")
-    return rgb
-
-
-def png_bytes(image: Image.Image | np.ndarray, parameters: str | None = None) -> bytes:
-    from PIL.PngImagePlugin import PngInfo
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    info = None
-    if parameters:
-        info = PngInfo()
-        info.add_text("parameters", parameters)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+        return read_image(raw, where, max_pixels)
+    except ImageTooLarge as e:
+        raise UploadError(str(e), status=413) from None
+    except ImageError as e:
+        raise UploadError(str(e)) from None
 
 
 def data_url(png: bytes) -> str:

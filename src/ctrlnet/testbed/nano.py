@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.safe_load import write_safetensors
-from ..training.checkpoint import (flat, load_optimizer, optimizer_tensors, rng_state, save_state,
+from ..formats.checkpoint import (flat, load_optimizer, optimizer_tensors, rng_state, save_state,
                                    set_rng_state, unflat)
 from .shapes import PALETTE, SHAPES
 from .tiny import bytes_to_unicode

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..configs import shipped_train_configs
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, bad resume folder); says what to do."""
@@ -213,17 +215,11 @@ def save_config(config: TrainConfig, path: Path) -> None:
     tmp.replace(path)
 
 
-def shipped_configs() -> dict[str, Path]:
-    """The configs that ship with ctrlnet, by name (``nano-canny`` -> .../nano-canny.yaml)."""
-    folder = Path(__file__).resolve().parent.parent / "configs" / "train"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-
-
 def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = shipped_configs()
+    shipped = shipped_train_configs()
     if name_or_path in shipped:
         return shipped[name_or_path]
     raise FileNotFoundError(f"config {name_or_path!r}: no such file, and not a shipped config "

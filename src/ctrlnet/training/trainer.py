@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from ..base import load_base
+from ..formats.checkpoint import (flat, latest_checkpoint, load_optimizer, optimizer_tensors, read_checkpoint,
+                                  rng_state, set_rng_state, unflat, write_checkpoint)
 from ..formats.controlnet_io import load_controlnet, save_controlnet
 from ..formats.safe_load import CheckpointError
 from ..models.control import controlled_unet_forward, lock
 from ..models.controlnet import ControlNet
 from .cache import open_or_build_cache
-from .checkpoint import (flat, latest_checkpoint, load_optimizer, optimizer_tensors, read_checkpoint, rng_state,
-                         set_rng_state, unflat, write_checkpoint)
 from .config import TrainConfig, TrainingError, save_config
 from .data import ControlDataset, DataError, condition_to_tensor, image_to_tensor, read_records
 from .monitor import Monitor
@@ -63,16 +63,9 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def resolve_base_path(base: str) -> str:
-    if base == "nano":
-        from ..testbed import NANO_SD
-        return str(NANO_SD)
-    return base
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, progress: bool = True, base=None):
-        """``base``: an already loaded ``BaseModel`` to use instead of loading ``config.base``."""
+        """``base``: an already loaded ``LockedBase`` to use instead of loading ``config.base``."""
         from accelerate import Accelerator
         from ..allocator import retain_freed_memory
         self.started = time.time()  # the wall-time budget counts loading and caching too
@@ -90,7 +83,7 @@ class Trainer:
 
         # The locked base.
         from diffusers import DDPMScheduler
-        self.base = base = base if base is not None else load_base(resolve_base_path(c.base))
+        self.base = base = base if base is not None else load_base(c.base)
         for part in base.parts().values():
             lock(part).to(self.acc.device, self.weight_dtype)
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)

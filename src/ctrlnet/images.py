@@ -1,5 +1,9 @@
-"""Condition and init images: reading, mode conversion, the resize modes, size rounding.
+"""Images in and out, for every caller (pipeline, annotators, training data, eval, CLI, server):
+decoding, colour modes, the resize modes, size rounding, and PNGs with their "parameters" text.
 
+- Decoding (``read_image``): a file path or raw bytes; the pixel count is checked from the header
+  before decoding (decompression bombs); the EXIF orientation tag is applied (a phone portrait
+  stands upright); errors are ``ImageError`` naming the file or field.
 - Any PIL mode becomes (H, W, 3) uint8 RGB: greyscale is repeated, RGBA/LA are composited on
   white (the original apps' ``HWC3``), 16-bit images are scaled to 8 bits.
 - Output sizes are rounded to the nearest multiple of the model's size multiple (VAE factor x
@@ -15,11 +19,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (8000 x 8000)
@@ -27,6 +34,10 @@ MAX_PIXELS = 64_000_000  # larger images are refused before decoding (8000 x 800
 
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than allowed (a server answers 413)."""
 
 
 def to_rgb(image: Image.Image | np.ndarray, where: str = "image") -> np.ndarray:
@@ -58,25 +69,72 @@ def to_rgb(image: Image.Image | np.ndarray, where: str = "image") -> np.ndarray:
     raise ImageError(f"{where}: expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
 
 
+def read_image(source: str | Path | bytes, where: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a file path or encoded bytes, upright (EXIF orientation applied).
+
+    An ``ImageError`` naming ``where`` (default: the path) when it cannot be used; ``ImageTooLarge``
+    above ``max_pixels``, checked from the header before decoding."""
+    if isinstance(source, (bytes, bytearray)):
+        where = where or "image"
+        if not source:
+            raise ImageError(f"{where}: empty image")
+        opened = io.BytesIO(source)
+    else:
+        path = Path(source)
+        where = where or str(path)
+        if not path.is_file():
+            raise ImageError(f"{where}: no such image file")
+        opened = path
+    try:
+        with Image.open(opened) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"{where}: {im.width}x{im.height} has more than {max_pixels:,} pixels (the "
+                                    "limit; a decompression bomb?); downscale it first")
+            im.load()
+            rgb = to_rgb(ImageOps.exif_transpose(im), where)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{where}: too many pixels ({e}); downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{where}: cannot decode image ({e}); is it a PNG/JPEG/WebP file?") from None
+    if rgb.size == 0:
+        raise ImageError(f"{where}: empty image")
+    return rgb
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a file; an ImageError naming the file when it cannot be used."""
+    return read_image(path)
+
+
+def as_rgb(item: Any, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 from a path, PIL image or array."""
+    if isinstance(item, (str, Path)):
+        return read_image(item)
+    return to_rgb(item, where)
+
+
+def png_bytes(image: Image.Image | np.ndarray, parameters: str | None = None) -> bytes:
+    """A PNG, with the generation parameters in a "parameters" text chunk (read by A1111 and
+    others) when given."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    info = None
+    if parameters:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | Path, parameters: str | None = None) -> Path:
+    """``png_bytes`` written to ``path`` (parent folders made)."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {im.width}x{im.height} has more than {MAX_PIXELS:,} pixels (a "
-                                 "decompression bomb?); downscale it first")
-            im.load()
-            rgb = to_rgb(im, str(path))
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: too many pixels ({e}); downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: cannot decode image ({e}); is it a PNG/JPEG/WebP file?") from None
-    if rgb.size == 0:
-        raise ImageError(f"{path}: empty image")
-    return rgb
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(image, parameters))
+    return path
 
 
 def round_size(value: int, multiple: int) -> int:

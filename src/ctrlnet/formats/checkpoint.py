@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats.safe_load import write_safetensors
+from safetensors.torch import load_file
+
+from ..models.controlnet import ControlNet, ControlNetConfig
+from .safe_load import write_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -110,14 +113,12 @@ def write_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], 
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load_file
     return load_file(path / "state.safetensors"), json.loads((path / "state.json").read_text())
 
 
 def controlnet_from_checkpoint(path: Path):
     """The ControlNet of a training checkpoint folder (``step-N``): its EMA weights when the run
     kept an EMA (what the final folder would hold), else the live weights."""
-    from ..models.controlnet import ControlNet, ControlNetConfig
     tensors, state = read_checkpoint(Path(path))
     net = ControlNet(ControlNetConfig.from_dict(state["controlnet_config"]))
     net.load_state_dict(unflat("ema", tensors) or unflat("controlnet", tensors))
