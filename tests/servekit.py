@@ -1,5 +1,7 @@
-"""Helpers for the serve tests: a plain-HTTP client (urllib, real sockets) and PNG codecs."""
+"""Helpers for the serve tests: a plain-HTTP client (urllib, real sockets), an in-process ASGI
+caller (no sockets, no httpx) and PNG codecs."""
 
+import asyncio
 import base64
 import io
 import json
@@ -79,6 +81,60 @@ def _length(response: bytes) -> int:
         if name.strip().lower() == b"content-length":
             return int(value)
     return 0
+
+
+def asgi_scope(app, method: str, path: str, body: bytes, headers: dict | None) -> dict:
+    head = {"content-length": str(len(body)), **{k.lower(): v for k, v in (headers or {}).items()}}
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "app": app,
+            "headers": [(k.encode(), v.encode()) for k, v in head.items()],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+
+def make_request(app, body: bytes = b"", headers: dict | None = None, path: str = "/"):
+    """A starlette Request carrying ``app`` and ``body``, to call a route handler with directly."""
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+    return Request(asgi_scope(app, "POST", path, body, headers), receive)
+
+
+async def asgi_call(app, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One request through the whole ASGI app (middleware, routing, exception handlers), in this
+    event loop: (status, {header: value}, body bytes)."""
+    done = asyncio.Event()
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # the client stays connected until the response is complete
+        return {"type": "http.disconnect"}
+    start, chunks = {}, []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            start.update(message)
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                done.set()
+    try:
+        await app(asgi_scope(app, method, path, body, headers), receive, send)
+    except Exception:
+        if not done.is_set():  # Starlette re-raises after sending its 500: only a missing answer is a failure
+            raise
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, b"".join(chunks)
+
+
+async def asgi_json(app, method: str, path: str, payload=None):
+    """``asgi_call`` with a JSON body and a JSON answer: (status, {header: value}, parsed body)."""
+    body = b"" if payload is None else json.dumps(payload).encode()
+    status, headers, out = await asgi_call(app, method, path, body, {"Content-Type": "application/json"})
+    return status, headers, json.loads(out)
 
 
 def png(a: np.ndarray) -> bytes:

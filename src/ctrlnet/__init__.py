@@ -11,7 +11,7 @@ from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_
 from .models import ControlledUNet, ControlNet, ControlNetConfig, ControlUnit, lock, sum_residuals, zero_module
 from .pipeline import Control, Pipeline, Region
 
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["ControlNet", "ControlNetConfig", "ControlledUNet", "ControlUnit", "zero_module", "lock", "sum_residuals",
            "load_base", "LockedBase", "load_controlnet", "save_controlnet", "inspect_checkpoint", "CheckpointError",
            "Pipeline", "Control", "Region"]

@@ -6,11 +6,22 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+
+from .allocator import retain_freed_memory
+from .annotators.batch import annotate
+from .eval.report import evaluate
+from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_controlnet
+from .images import save_png
+from .pipeline import Control, Pipeline, PromptTruncatedWarning, Region
+from .pipeline.controlled import grid
+from .testbed.shapes import generate
+from .training import TrainingError, load_config, train
+from .training.config import resolve_config_path
 
 
 def cmd_convert(args) -> None:
-    from .formats import load_controlnet, save_controlnet
     net = load_controlnet(args.src)
     out = Path(args.out)
     if args.to == "original" and out.suffix not in (".safetensors", ".pth"):
@@ -20,19 +31,15 @@ def cmd_convert(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .formats import inspect_checkpoint
     print(json.dumps(inspect_checkpoint(args.path), indent=2))
 
 
 def cmd_data_shapes(args) -> None:
-    from .testbed.shapes import generate
     out = generate(args.out, args.n, seed=args.seed, size=args.size, fill50k=args.fill50k, workers=args.workers)
     print(f"wrote {args.n} ShapesWorld samples to {out}")
 
 
 def cmd_train(args) -> None:
-    from .training.config import load_config, resolve_config_path
-    from .training.trainer import train
     config = load_config(resolve_config_path(args.config), args.set)
     out = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # once, also under torchrun / accelerate launch
@@ -42,10 +49,12 @@ def cmd_train(args) -> None:
 CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize"}
 
 
-def parse_control(spec: str):
+def parse_control(spec: str, keys: set[str] = CONTROL_KEYS, aliases: dict[str, str] | None = None) -> Control:
     """``model=M,image=P[,annotator=A][,scale=S][,start=A][,end=B][,mode=M][,resize=R]`` -> Control.
-    Annotator parameters go as ``annotator.low=50``. A scale of several values: ``scale=0.5/1/...``."""
-    from .pipeline.controlled import Control
+    Annotator parameters go as ``annotator.low=50``. A scale of several values: ``scale=0.5/1/...``.
+    ``aliases``: other key names for a field (eval's ``condition=COLUMN`` is its image)."""
+    aliases = aliases or {}
+    keys = keys | set(aliases)
     fields, params = {}, {}
     for part in spec.split(","):
         if "=" not in part:
@@ -53,10 +62,10 @@ def parse_control(spec: str):
         key, value = (x.strip() for x in part.split("=", 1))
         if key.startswith("annotator."):
             params.update(parse_params([f"{key.split('.', 1)[1]}={value}"]))
-        elif key in CONTROL_KEYS:
-            fields[key] = value
+        elif key in keys:
+            fields[aliases.get(key, key)] = value
         else:
-            raise ValueError(f"--control {spec!r}: unknown key {key!r}; use {', '.join(sorted(CONTROL_KEYS))}")
+            raise ValueError(f"--control {spec!r}: unknown key {key!r}; use {', '.join(sorted(keys))}")
     if "model" not in fields:
         raise ValueError(f"--control {spec!r}: model=NAME_OR_PATH is required")
     try:
@@ -70,8 +79,6 @@ def parse_control(spec: str):
 
 
 def cmd_generate(args) -> None:
-    import warnings
-    from .pipeline.controlled import Pipeline, save_png
     controls = [parse_control(s) for s in args.control]
     for c in controls:
         c.check()
@@ -88,7 +95,6 @@ def cmd_generate(args) -> None:
                       num_images=args.num_images, width=args.width, height=args.height, scheduler=args.scheduler,
                       init_image=args.init_image, strength=args.strength, mask=args.mask, progress=True,
                       regions=regions)
-    from .pipeline.controlled import PromptTruncatedWarning
     for w in caught:
         if issubclass(w.category, PromptTruncatedWarning):
             print(f"ctrlnet generate: warning: {w.message}", file=sys.stderr)
@@ -99,7 +105,6 @@ def cmd_generate(args) -> None:
             (out.with_suffix("") if out.suffix == ".png" else out) / f"{i:03d}.png"
         paths.append(save_png(image, path, params))
     if args.grid:
-        from .pipeline.controlled import grid
         folder = paths[0].parent
         paths.append(grid(result, folder / "grid.png"))
     print("\n".join(str(p) for p in paths))
@@ -107,7 +112,6 @@ def cmd_generate(args) -> None:
 
 def parse_region(text: str):
     """``MASK=PROMPT`` (the first "=" splits; the prompt may hold commas and "=") -> Region."""
-    from .pipeline.controlled import Region
     mask, sep, prompt = text.partition("=")
     if not sep or not mask or not prompt.strip():
         raise ValueError(f"--region {text!r}: expected MASK.png=PROMPT, e.g. --region left.png='a red circle'")
@@ -131,7 +135,6 @@ def parse_params(items: list[str]) -> dict:
 
 
 def cmd_annotate(args) -> int:
-    from .annotators.batch import annotate
     report = annotate(args.annotator, args.inputs, args.out, parse_params(args.param), workers=args.workers,
                       dataset=args.dataset, captions=args.captions)
     print(f"annotate {args.annotator}: {len(report.written)} written, {len(report.skipped)} already done, "
@@ -143,26 +146,10 @@ def cmd_annotate(args) -> int:
     return 1 if report.failed else 0
 
 
-def parse_eval_control(spec: str):
-    """``model=M[,annotator=A][,condition=COLUMN][,scale=S]`` -> EvalControl."""
-    from .eval.report import EvalControl
-    fields = {}
-    for part in spec.split(","):
-        if "=" not in part:
-            raise ValueError(f"--control {spec!r}: {part!r} is not key=value")
-        key, value = (x.strip() for x in part.split("=", 1))
-        if key not in ("model", "annotator", "condition", "scale"):
-            raise ValueError(f"--control {spec!r}: unknown key {key!r}; use model, annotator, condition, scale")
-        fields[key] = value
-    if "model" not in fields:
-        raise ValueError(f"--control {spec!r}: model=NAME_OR_PATH is required")
-    return EvalControl(fields["model"], fields.get("annotator", ""), fields.get("condition", ""),
-                       float(fields.get("scale", 1.0)))
-
-
 def cmd_eval(args) -> None:
-    from .eval.report import evaluate
-    report = evaluate(args.base, [parse_eval_control(c) for c in args.control], args.data, args.out, n=args.n,
+    # eval: the condition comes from the data (condition=COLUMN, or the annotator run on the target)
+    controls = [parse_control(c, CONTROL_KEYS - {"image"}, {"condition": "image"}) for c in args.control]
+    report = evaluate(args.base, controls, args.data, args.out, n=args.n,
                       seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                       guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, dtype=args.dtype,
                       baseline=not args.no_baseline, split_objects=args.split_objects, regions=args.regions,
@@ -257,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score how well generated images follow their conditions (JSON/Markdown report)")
     p.add_argument("--base", default="nano")
     p.add_argument("--control", action="append", required=True,
-                   metavar="model=M[,annotator=A][,condition=COLUMN][,scale=S]",
-                   help="a ControlNet to evaluate (repeat: nets act together; a glob over checkpoints: a curve)")
+                   metavar="model=M[,annotator=A][,condition=COLUMN][,scale=S][,start=A][,end=B][,mode=M]",
+                   help="a ControlNet to evaluate, with generate's --control keys but image= (the condition "
+                        "comes from the data; repeat: nets act together; a glob over checkpoints: a curve)")
     p.add_argument("--data", required=True, help="fill50k folder/prompt file, metadata.jsonl, or ShapesWorld folder")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seeds", type=int, default=1, help="images per sample")
@@ -318,12 +306,9 @@ RETAIN_MEMORY = ("generate", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .formats.safe_load import CheckpointError
-    from .training.config import TrainingError
     args = build_parser().parse_args(argv)
     try:
         if args.command in RETAIN_MEMORY:
-            from .allocator import retain_freed_memory
             retain_freed_memory()
         code = args.func(args)
     except (CheckpointError, ValueError, OSError, TrainingError) as e:  # user-facing: one line, no traceback

@@ -15,13 +15,19 @@ import json
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
+from PIL import Image
 
 from .allocator import retain_freed_memory
 from .base import load_base
+from .eval.control import controllability
 from .formats import inspect_checkpoint, load_controlnet, save_controlnet
 from .models import ControlledUNet, ControlNet
-from .testbed import NANO_SD
+from .pipeline import Control, Pipeline, text_to_image
+from .testbed import NANO_SD, bundled_controlnets
+from .testbed.shapes import render, sample_layout
 from .testbed.tiny import write_tiny_base
 
 PROMPTS = ["a red circle on a white background", "a blue square on a yellow background",
@@ -32,9 +38,6 @@ PROMPTS = ["a red circle on a white background", "a blue square on a yellow back
 
 
 def nano_text_to_image(out: Path) -> None:
-    import cv2
-    import numpy as np
-    from .pipeline import text_to_image
     base = load_base(NANO_SD)
     start = time.perf_counter()
     images = text_to_image(base, PROMPTS, steps=25, guidance=2.5, guidance_rescale=0.7, seed=0)
@@ -49,12 +52,6 @@ def nano_text_to_image(out: Path) -> None:
 
 def nano_controlled(out: Path, n: int = 6) -> None:
     """Each bundled nano ControlNet through ``ctrlnet.Pipeline`` on new ShapesWorld conditions."""
-    import numpy as np
-    from PIL import Image
-    from .eval.control import controllability
-    from .pipeline import Control, Pipeline
-    from .testbed import bundled_controlnets
-    from .testbed.shapes import render, sample_layout
     names = [k for k in bundled_controlnets() if k.startswith("nano-")]
     if not names:
         print("no bundled nano ControlNets yet")

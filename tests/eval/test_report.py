@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ctrlnet.eval.control import region_miou, ssim
-from ctrlnet.eval.report import EvalControl, evaluate
+from ctrlnet.eval.report import evaluate
+from ctrlnet.pipeline import Control
 from ctrlnet.eval.shapes import colour_presence, score_objects
 from ctrlnet.testbed.shapes import generate, render, sample_layout
 
@@ -90,7 +91,7 @@ def test_report_end_to_end_with_a_checkpoint_curve(val, tmp_path):
                 net.controlnet_mid_block.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
         save_controlnet(net, tmp_path / "ckpts" / f"step-{step:06d}")
     out = tmp_path / "report"
-    report = evaluate("nano", [EvalControl(str(tmp_path / "ckpts" / "step-*"), annotator="canny")], val, out,
+    report = evaluate("nano", [Control(str(tmp_path / "ckpts" / "step-*"), annotator="canny")], val, out,
                       n=3, seeds=2, steps=2, progress=False)
     assert [r["step"] for r in report["results"]] == [100, 200]
     for r in report["results"] + [{"metrics": report["baseline"]}]:
@@ -129,7 +130,7 @@ def test_regions_give_each_object_its_own_prompt(val, tmp_path):
         assert f"{s['colour']} {s['shape']} on a" in r.prompt and r.prompt.endswith(" background")
         x, y = min(int(s["cx"]), 127), min(int(s["cy"]), 127)
         assert r.mask[y, x] == 255 and 0 < (r.mask > 0).mean() < 0.5  # the mask sits on its object
-    report = evaluate("nano", [EvalControl("nano-canny", annotator="canny")], val, tmp_path / "r", n=2, steps=2,
+    report = evaluate("nano", [Control("nano-canny", annotator="canny")], val, tmp_path / "r", n=2, steps=2,
                       progress=False, regions=True)
     assert report["regions"] is True and "colour_accuracy" in report["results"][0]["metrics"]
 
@@ -139,7 +140,7 @@ def test_compiled_eval_scores_like_eager(val, tmp_path):
     the compiled UNet and ControlNet (aot_eager: dynamo's capture without code generation, fast)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-    units = [EvalControl("nano-canny", annotator="canny")]
+    units = [Control("nano-canny", annotator="canny")]
     eager = evaluate("nano", units, val, tmp_path / "eager", n=2, steps=2, progress=False, baseline=False)
     torch._dynamo.reset()
     counters.clear()

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ctrlnet.configs import known_controlnet_config
 from ctrlnet.formats import (CheckpointError, build_keymap, detect_format, infer_config, inspect_checkpoint,
-                             known_controlnet_config, load_controlnet, save_controlnet)
+                             load_controlnet, save_controlnet)
 from ctrlnet.models import ControlNet
 from conftest import HINT_CHANNELS, make_inputs, randomize
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctrlnet.formats import known_controlnet_config
+from ctrlnet.configs import known_controlnet_config
 from ctrlnet.models import ControlledUNet, ControlNet, sum_residuals
 from ctrlnet.models.controlnet import SOFT_SCALE_BASE
 from conftest import HINT_CHANNELS, make_inputs, randomize

@@ -75,3 +75,25 @@ def test_thinning():
     block[5:15, 8:11] = 255  # a 3-pixel-wide bar becomes a 1-pixel line
     t = thin(block)
     assert (t[7:13] > 0).sum(axis=1).tolist() == [1] * 6
+
+
+def test_exif_orientation_is_applied_for_files_and_bytes(tmp_path):
+    """A phone portrait: stored landscape with orientation tag 6 (rotate 90 degrees clockwise)."""
+    from ctrlnet.images import read_image
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # white band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    for upright in (read_image(path), read_image(path.read_bytes(), "upload")):
+        assert upright.shape == (40, 20, 3)  # upright: portrait
+        assert upright[:10].min() == 255 and upright[10:].max() == 0  # the band is now on top
+
+
+def test_too_many_pixels_is_its_own_error(tmp_path):
+    from ctrlnet.images import ImageTooLarge, read_image
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(path)
+    with pytest.raises(ImageTooLarge, match="big.png: 30x30 has more than 899 pixels"):
+        read_image(path, max_pixels=899)

@@ -63,7 +63,7 @@ def test_latents_equal_diffusers_controlnet_pipeline(bases, tmp_path, family, st
     pipe = Pipeline(base, {"net": net})
     ours = pipe(["a red circle", "a blue square"], controls=[Control("net", cond, scale=scale, start=start, end=end)],
                 steps=4, guidance=7.5, guidance_rescale=0.0, seed=3, scheduler="ddim", output_type="latent").latents
-    from ctrlnet.pipeline.text_to_image import initial_noise
+    from ctrlnet.pipeline.sampling import initial_noise
     noise = initial_noise((4, size // 8, size // 8), 2, 3)
     expected = ref(["a red circle", "a blue square"], image=Image.fromarray(cond), num_inference_steps=4,
                    guidance_scale=7.5, latents=noise, controlnet_conditioning_scale=scale,
@@ -154,14 +154,15 @@ def test_img2img_and_inpainting(bases):
     assert torch.equal(lat[..., :4], init_latents[..., :4])  # kept half: the init image's latents exactly
     assert not torch.equal(lat[..., 4:], init_latents[..., 4:])
     # The inpaint ControlNet's condition: the init image with masked pixels at -1.
-    cond = pipe.condition_map(Control("x", annotator="inpaint"), 64, 64, init, (mask > 0).astype(np.float32))
+    cond = pipe.condition_map(Control("x", annotator="inpaint"), None, 64, 64, init, (mask > 0).astype(np.float32))
     assert (cond[:, 32:] == -1).all() and np.allclose(cond[20, 20], np.array([200, 40, 40]) / 255)
     with pytest.raises(ValueError, match="mask needs an init image"):
         pipe("x", mask=mask, steps=1)
 
 
 def test_png_parameters_and_grid(bases, tmp_path):
-    from ctrlnet.pipeline.controlled import grid, save_png
+    from ctrlnet.images import save_png
+    from ctrlnet.pipeline.controlled import grid
     base = load_base(bases["sd15"])
     pipe = Pipeline(base, {"canny-net": trained_looking(base)})
     res = pipe("a red circle", controls=[Control("canny-net", condition(), end=0.8, mode="prompt")],
@@ -196,9 +197,9 @@ def test_bad_input_is_named(bases, tmp_path):
 def test_sizes_round_to_the_model_multiple(bases):
     pipe = Pipeline(load_base(bases["sd15"]))  # tiny: VAE 8x, one downsampler -> multiple 16
     assert pipe.size_multiple == 16
-    assert pipe.output_size(70, 100, [], None) == (64, 96)
+    assert pipe.output_size(70, 100, None) == (64, 96)
     wide = np.zeros((50, 100, 3), np.uint8)
-    assert pipe.output_size(None, None, [Control("x", wide)], None) == (128, 64)  # short side to native 64
+    assert pipe.output_size(None, None, wide) == (128, 64)  # short side to native 64
     assert pipe("x", width=40, height=40, steps=1).images[0].size == (48, 48)
 
 
@@ -375,3 +376,17 @@ def test_cuda_latents_equal_cpu(bases):
     assert torch.allclose(latents["cuda", torch.float32], cpu, atol=1e-3)
     bf16 = latents["cuda", torch.bfloat16]
     assert torch.isfinite(bf16).all() and (bf16 - cpu).abs().mean() < 0.1 * cpu.abs().mean()
+
+
+@pytest.mark.parametrize("size", [None, 64])
+def test_each_control_image_is_decoded_once(bases, tmp_path, monkeypatch, size):
+    import ctrlnet.images
+    base = load_base(bases["sd15"])
+    pipe = Pipeline(base, {"net": trained_looking(base)})
+    path = tmp_path / "edges.png"
+    Image.fromarray(condition()).save(path)
+    reads = []
+    real = ctrlnet.images.read_image
+    monkeypatch.setattr(ctrlnet.images, "read_image", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    pipe("x", controls=[Control("net", str(path))], steps=1, width=size, height=size, output_type="latent")
+    assert reads == [path.as_posix()] or reads == [str(path)]

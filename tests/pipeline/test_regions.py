@@ -92,8 +92,8 @@ def test_small_masks_are_resized_as_areas_not_thinned_like_edges(bases):
     pipe = Pipeline(load_base(bases["sd15"]))
     small = np.zeros((32, 32), np.uint8)
     small[8:16, 8:16] = 255  # 1/16 of the image
-    batch = pipe.region_batch(Region("a blue square", small), 1, 1, 64, 64)  # a single Region is accepted
-    w = batch["weights"]  # (1, 1, 1, 8, 8) on the latent grid
+    batch = pipe.prepare_regions(Region("a blue square", small), 1, 1, 64, 64)  # a single Region is accepted
+    w = batch.weights  # (1, 1, 1, 8, 8) on the latent grid
     assert w.shape == (1, 1, 1, 8, 8) and abs(float(w.sum()) - 64 / 16) < 0.5
     assert float(w[0, 0, 0, 2:4, 2:4].min()) > 0.9  # the square's interior is fully inside
     big = resize_to(np.repeat(small[:, :, None], 3, 2), 64, 64, resize=resize_plain)[..., 0]

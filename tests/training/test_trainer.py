@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +166,23 @@ def _write_yaml(path, cfg, **overrides):
     return path
 
 
+# The CLI in a process that SIGKILLs itself while writing its second checkpoint: after the tensors,
+# before the state.json that completes it. A real kill mid-run, at the same point on any machine.
+KILLED_IN_SECOND_CHECKPOINT = """
+import os, signal, sys
+from ctrlnet.cli import main
+from ctrlnet.formats import checkpoint
+write, calls = checkpoint.write_safetensors, []
+def write_then_die(*args, **kwargs):
+    write(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.write_safetensors = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_then_resume_is_bit_identical(make_config, tmp_path):
     # EMA and the cosine schedule on: their state must survive the kill too.
     cfg = make_config(max_train_steps=12, checkpointing_steps=3, ema_decay=0.9, lr_scheduler="cosine",
@@ -174,17 +190,16 @@ def test_sigkill_then_resume_is_bit_identical(make_config, tmp_path):
     straight = _write_yaml(tmp_path / "straight.yaml", cfg, output_dir=str(tmp_path / "straight"))
     killed = _write_yaml(tmp_path / "killed.yaml", cfg, output_dir=str(tmp_path / "killed"))
     assert _cli(["--config", str(straight)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
-    proc = _cli(["--config", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while latest_checkpoint(ckpts) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_SECOND_CHECKPOINT, "train", "--config", str(killed)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=600) == -signal.SIGKILL, "the run was not killed in its second checkpoint"
     assert not (tmp_path / "killed" / "controlnet").exists()
-    done = latest_checkpoint(ckpts)
-    assert done is not None and int(done.name.split("-")[1]) < 12
+    ckpts = tmp_path / "killed" / "checkpoints"
+    half = ckpts / ".tmp-step-000006"  # step 6's tensors without its state.json: not a checkpoint
+    assert (half / "state.safetensors").is_file() and not (half / "state.json").exists()
+    assert latest_checkpoint(ckpts).name == "step-000003"
     assert _cli(["--config", str(killed), "--resume", "latest"], stdout=subprocess.DEVNULL).wait() == 0
+    assert not half.exists()
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The log was trimmed to the checkpoint and continued: every step once.

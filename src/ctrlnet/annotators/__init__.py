@@ -22,6 +22,7 @@ stay thin, few-colour maps stay few-colour).
 from __future__ import annotations
 
 import inspect
+import importlib.util
 from typing import Callable
 
 import numpy as np
@@ -51,7 +52,6 @@ NEEDS: dict[str, str] = {"openpose": "mediapipe", "openpose_full": "mediapipe"}
 
 def available(name: str) -> bool:
     """Whether annotator ``name`` can run here (its optional package, if any, is installed)."""
-    import importlib.util
     return name in ANNOTATORS and (name not in NEEDS or importlib.util.find_spec(NEEDS[name]) is not None)
 
 

@@ -22,6 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..images import ImageError, load_image
+from . import get_annotator
+from .pose import detect_people, draw_openpose, openpose_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -61,15 +67,12 @@ def collect(inputs: list[str | Path]) -> list[Job]:
 def _run_one(args) -> tuple[str, str | None]:
     """Worker: annotate one file. Returns (output path, error or None)."""
     name, params, source, target = args
-    from PIL import Image
-    from . import get_annotator
     try:
         image = load_image(source)
         annotator = get_annotator(name, **params)  # unknown names / parameters fail here
         keys = None
         if name in ("openpose", "openpose_full") and not {"detect_resolution", "image_resolution"} & set(params):
             # one detection for both the map and the keypoints, in OpenPose's JSON layout
-            from .pose import detect_people, draw_openpose, openpose_json
             full = name == "openpose_full"
             people = detect_people(image, hands=params.get("hands", full), face=params.get("face", full),
                                    min_confidence=params.get("min_confidence", 0.5))
@@ -123,7 +126,6 @@ def caption_for(job: Job, captions: dict[str, str] | None) -> str | None:
 def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict | None = None, workers: int = 1,
              dataset: str = "", captions: str | Path | None = None, progress: bool = True) -> Report:
     """Annotate every input image into ``out``; see the module docstring."""
-    from . import get_annotator
     params = params or {}
     get_annotator(name, **params)  # unknown annotator / parameters: fail before any work
     if dataset not in ("", "fill50k", "imagefolder"):
@@ -139,7 +141,6 @@ def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict 
             report.skipped.append(target)
         else:
             todo.append(j)
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(todo), desc=f"annotate {name}", unit="img", disable=not progress)
     args = [(name, params, str(j.source), str(out / j.rel)) for j in todo]
     results = []

@@ -157,8 +157,3 @@ def openpose_full(image: np.ndarray, min_confidence: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> OpenPose-style map of body, hands and face."""
     return openpose(image, hands=True, face=True, min_confidence=min_confidence)
 
-
-def pose_keypoints(image: np.ndarray, hands: bool = True, face: bool = True, min_confidence: float = 0.5) -> dict:
-    """OpenPose keypoint JSON of the person in ``image`` (what ``ctrlnet annotate`` writes beside pose maps)."""
-    h, w = image.shape[:2]
-    return openpose_json(detect_people(image, hands, face, min_confidence), h, w)

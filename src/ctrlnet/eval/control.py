@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from ..annotators.canny import canny
+from ..annotators.pose import BODY_COLOURS
 
 
 def foreground_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
@@ -87,7 +88,6 @@ def keypoints_from_openpose_map(a: np.ndarray) -> np.ndarray:
     """(18, 3) COCO keypoints (x, y, found) read back from an OpenPose-style body map: each keypoint
     is a circle in its own full colour (limbs are drawn at 60%, so they never match); the centroid
     of the largest exact-colour component. Hand dots share keypoint 12's blue: body maps only."""
-    from ..annotators.pose import BODY_COLOURS
     out = np.zeros((18, 3), np.float32)
     for k, colour in enumerate(BODY_COLOURS):
         mask = np.all(a == np.array(colour, np.uint8), axis=-1).astype(np.uint8)

@@ -1,5 +1,6 @@
 """``ctrlnet eval``: does a ControlNet follow its condition, did the base keep its knowledge, and
-when did training converge (ControlNet++ protocol, REFERENCE section 6).
+when did training converge (the ControlNet++ protocol: re-extract the condition from the generated
+image and compare it with the input condition).
 
 For the first ``n`` samples of a data set (fill50k ``prompt.json``, ``metadata.jsonl``, or a
 ShapesWorld folder), ``seeds`` images each are generated from (condition, caption), then scored:
@@ -27,29 +28,28 @@ import json
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cv2
+import diffusers
 import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..annotators import get_annotator
+from ..images import load_image
+from ..pipeline import Control, Pipeline, Region
+from ..testbed.shapes import with_article
+from ..training.data import read_records
+from ..version import __version__
 
 from .control import edge_f1, foreground_iou, pose_pck, region_miou, ssim
 from .shapes import colour_presence, score_objects, true_object_masks
 
 EDGE_ANNOTATORS = {"canny", "scribble", "threshold"}
-
-
-@dataclass
-class EvalControl:
-    """One ControlNet under evaluation. ``annotator`` makes its condition from the target and
-    re-extracts it from the generated image; ``condition`` instead names a metadata column holding
-    the condition's path (ShapesWorld: ``canny``, ``segmentation``, ``outline``); neither: the data's
-    own condition column."""
-
-    model: str
-    annotator: str = ""
-    condition: str = ""
-    scale: float = 1.0
 
 
 def reextraction_metric(annotator: str):
@@ -65,7 +65,6 @@ def reextraction_metric(annotator: str):
 
 def load_samples(data: str | Path, n: int) -> list[dict]:
     """[{"target", "prompt", "condition" (the data's own), "columns": metadata row or {}, "root"}]."""
-    from ..training.data import read_records
     path = Path(data)
     records = read_records(path, need_condition=False)[:n]
     folder = path if path.is_dir() else path.parent
@@ -80,15 +79,17 @@ def load_samples(data: str | Path, n: int) -> list[dict]:
     return samples
 
 
-def condition_for(control: EvalControl, sample: dict) -> np.ndarray:
-    from ..annotators import get_annotator
+def condition_for(control: Control, sample: dict) -> np.ndarray:
+    """A control's condition for a sample: its annotator run on the target; else ``image`` names the
+    metadata column holding the condition's path (ShapesWorld: ``canny``, ``segmentation``,
+    ``outline``); neither: the data's own condition column."""
     if control.annotator:
-        return get_annotator(control.annotator)(sample["target"])
-    if control.condition:
-        if control.condition not in sample["columns"]:
-            raise ValueError(f"eval: the data has no metadata column {control.condition!r} for control "
+        return get_annotator(control.annotator, **control.annotator_params)(sample["target"])
+    if control.image is not None:
+        if not isinstance(control.image, str) or control.image not in sample["columns"]:
+            raise ValueError(f"eval: the data has no metadata column {control.image!r} for control "
                              f"{control.model}")
-        return load_image(sample["root"] / sample["columns"][control.condition])
+        return load_image(sample["root"] / sample["columns"][control.image])
     if not sample["condition"]:
         raise ValueError(f"eval: control {control.model}: the data has no condition column; set annotator= "
                          "or condition=")
@@ -99,18 +100,16 @@ def object_regions(record: dict, size: int, dilate: int = 0) -> list:
     """ShapesWorld: one ``Region`` per object, its own one-object prompt inside its true mask
     (optionally dilated by ``dilate`` px; measured on 200 held-out samples with nano-canny: the exact
     mask gave mask IoU 0.853, dilated 2 px 0.848, 4 px 0.844; colour accuracy 96.7-97.3% for all three)."""
-    from ..pipeline.controlled import Region
-    from ..testbed.shapes import _a
     if "shapes" not in record:
         raise ValueError("eval --regions: needs ShapesWorld metadata (a 'shapes' column)")
     masks = [m.astype(np.uint8) * 255 for m in true_object_masks(record, size)]
     if dilate:
         masks = [cv2.dilate(m, np.ones((2 * dilate + 1, 2 * dilate + 1), np.uint8)) for m in masks]
-    return [Region(f"{_a(s['colour'] + ' ' + s['shape'])} on {_a(record['background'])} background", m)
+    return [Region(f"{with_article(s['colour'] + ' ' + s['shape'])} on {with_article(record['background'])} background", m)
             for s, m in zip(record["shapes"], masks)]
 
 
-def expand_models(controls: list[EvalControl]) -> list[tuple[int | None, list[EvalControl]]]:
+def expand_models(controls: list[Control]) -> list[tuple[int | None, list[Control]]]:
     """[(training step or None, controls)]: one entry, or one per checkpoint of a globbed model."""
     globbed = [i for i, c in enumerate(controls) if any(ch in c.model for ch in "*?[")]
     if not globbed:
@@ -125,19 +124,18 @@ def expand_models(controls: list[EvalControl]) -> list[tuple[int | None, list[Ev
     out = []
     for p in sorted(paths, key=lambda p: (step(p) is None, step(p) or 0)):
         cs = list(controls)
-        cs[i] = EvalControl(p, controls[i].annotator, controls[i].condition, controls[i].scale)
+        cs[i] = replace(controls[i], model=p)
         out.append((step(p), cs))
     return out
 
 
-def score_image(image: np.ndarray, sample: dict, controls: list[EvalControl], conditions: list[np.ndarray],
+def score_image(image: np.ndarray, sample: dict, controls: list[Control], conditions: list[np.ndarray],
                 split_objects: bool) -> dict[str, float]:
-    from ..annotators import get_annotator
     scores = {}
     for k, (c, cond) in enumerate(zip(controls, conditions)):
         if c.annotator:
             name, fn = reextraction_metric(c.annotator)
-            scores[f"control{k}_{name}"] = fn(get_annotator(c.annotator)(image), cond)
+            scores[f"control{k}_{name}"] = fn(get_annotator(c.annotator, **c.annotator_params)(image), cond)
     meta = sample["columns"]
     if meta.get("shapes"):
         scores["mask_iou"] = foreground_iou(image, sample["target"])
@@ -155,14 +153,15 @@ def score_image(image: np.ndarray, sample: dict, controls: list[EvalControl], co
     return scores
 
 
-def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str | Path, n: int = 200,
+def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Path, n: int = 200,
              seeds: int = 1, steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
              scheduler: str = "ddim", dtype: str = "fp32", baseline: bool = True, split_objects: bool = False,
              progress: bool = True, batch: int = 16, regions: bool = False, compile: bool | dict = False) -> dict:
     """Generate, score and write the report; returns the report dict (also ``out/report.json``).
+    ``controls``: each unit's model, annotator (with its parameters), scale, start/end and mode act as
+    in generation; its condition comes from ``condition_for`` (``image``: a metadata column or None).
     ``compile``: ``Pipeline(compile=...)`` (torch.compile of the UNet and ControlNets; with a checkpoint
     glob, each checkpoint's net compiles anew)."""
-    from ..pipeline import Control, Pipeline
     if not controls:
         raise ValueError("eval: give at least one --control")
     out = Path(out)
@@ -185,14 +184,13 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
     region_lists = [object_regions(s["columns"], size) for s in samples] if regions else None
     settings = dict(steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, scheduler=scheduler,
                     width=size, height=size)
-    from tqdm.auto import tqdm
 
-    def run(units: list[EvalControl] | None, label: str):
+    def run(units: list[Control] | None, label: str):
         images, scores = [], []
         bar = tqdm(total=len(samples), desc=label, disable=not progress, unit="sample")
         for s0 in range(0, len(samples), batch):  # one call per batch; image j of sample i: seed i * seeds + j
             chunk = range(s0, min(s0 + batch, len(samples)))
-            ctrl = [Control(u.model, [conditions[i][k] for i in chunk], scale=u.scale)
+            ctrl = [replace(u, image=[conditions[i][k] for i in chunk], annotator="", annotator_params={})
                     for k, u in enumerate(units)] if units else []
             res = pipe([samples[i]["prompt"] for i in chunk], controls=ctrl, seed=s0 * seeds, num_images=seeds,
                        regions=[region_lists[i] for i in chunk] if region_lists and units else (), **settings)
@@ -217,9 +215,6 @@ def evaluate(base: str, controls: list[EvalControl], data: str | Path, out: str 
             pipe.remove_controlnet(str(u.model))
     base_images, base_metrics = run(None, "eval without control") if baseline else (None, None)
     seconds = time.perf_counter() - start
-    import diffusers
-    import torch
-    from .. import __version__
     report = {
         "base": str(base), "data": str(data), "n": len(samples), "seeds": seeds, "images_per_config": len(last_images),
         "controls": [asdict(c) for c in controls], "split_objects": split_objects,
@@ -263,26 +258,19 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def write_figures(report, samples, conditions, images, base_images, controls, seeds, out: Path) -> None:
-    from PIL import Image
-    from ..annotators import get_annotator
     rows = []
     for i in range(min(6, len(samples))):
         g = images[i * seeds]
         cells = list(conditions[i]) + [g]
-        cells += [get_annotator(c.annotator)(g) for c in controls if c.annotator]
+        cells += [get_annotator(c.annotator, **c.annotator_params)(g) for c in controls if c.annotator]
         if base_images:
             cells.append(base_images[i * seeds])
         rows.append(np.concatenate(cells, axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(out / "samples.png")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     final = report["results"][-1]["metrics"]
     keys = list(final)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.6))
+    fig = Figure(figsize=(max(6, 1.2 * len(keys)), 3.6))  # no pyplot: no global backend state
+    ax = fig.subplots()
     x = np.arange(len(keys))
     ax.bar(x - 0.2, [final[k] for k in keys], 0.4, label="with control")
     if report["baseline"]:
@@ -292,14 +280,14 @@ def write_figures(report, samples, conditions, images, base_images, controls, se
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "bars.png", dpi=100)
-    plt.close(fig)
     steps = [r for r in report["results"] if r["step"] is not None]
     if len(steps) > 1:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig = Figure(figsize=(6, 3.6))
+        ax = fig.subplots()
         for k in keys:
             ax.plot([r["step"] for r in steps], [r["metrics"][k] for r in steps], marker="o", label=k)
         ax.set(xlabel="training step", ylabel="score", ylim=(0, 1), title="controllability against training step")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=100)
-        plt.close(fig)
+    

@@ -1,7 +1,7 @@
 """ShapesWorld metrics, read off generated pixels: background colour, object colour, shape class,
 object mask IoU.
 
-Pitfall (REFERENCE.md section 9): soft samples make raw masks ragged, so the object mask is
+Pitfall: soft samples make raw masks ragged, so the object mask is
 cleaned (median filter, largest connected component) before its geometry is classified.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..testbed.shapes import PALETTE
+from ..testbed.shapes import PALETTE, Shape, draw
 
 NAMES = list(PALETTE)
 RGB = np.array([PALETTE[n] for n in NAMES], dtype=np.float32)  # (K, 3)
@@ -69,7 +69,6 @@ def score_single_shape(image: np.ndarray, colour: str, shape: str, background: s
 
 def true_object_masks(record: dict, size: int) -> list[np.ndarray]:
     """(H, W) bool mask of every shape of a ShapesWorld metadata record, drawn from its geometry."""
-    from ..testbed.shapes import Shape, draw
     masks = []
     for s in record["shapes"]:
         shape = Shape(s["shape"], s["colour"], tuple(s["rgb"]), s["cx"], s["cy"], s["size"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import diffusers
 
 from ..configs import KNOWN_BASES, classify_base, known_controlnet_config
 from ..models.controlnet import ControlNet, ControlNetConfig
@@ -251,7 +252,6 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
 # ---------------------------------------------------------------- writing
 
 def diffusers_config_dict(config: ControlNetConfig) -> dict[str, Any]:
-    import diffusers
     d = config.to_dict()
     if d.pop("conditioning_downsample_factor") is not None:
         raise CheckpointError(

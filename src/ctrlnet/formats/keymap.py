@@ -2,7 +2,7 @@
 
 The maps are derived from the architecture (``layers_per_block``, which blocks have
 attention), not from a fixed table, so they hold for SD1.x, SD2.x, SDXL and tiny configs.
-Original names, for SD1.5 (REFERENCE.md section 2):
+Original names, for SD1.5 (lllyasviel/ControlNet ``cldm.py`` and CompVis ``openaimodel.py``):
 
 | original                                   | diffusers                                        |
 |--------------------------------------------|--------------------------------------------------|
@@ -29,7 +29,6 @@ RESNET = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
 }
-RESNET_INV = {v: k for k, v in RESNET.items()}
 
 
 def _resnet_inner(inner: str) -> str:

@@ -11,6 +11,8 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class CheckpointError(ValueError):
@@ -30,7 +32,6 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
@@ -67,7 +68,6 @@ def _tensors_only(obj, path: Path) -> dict[str, torch.Tensor]:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """Atomic write: a crash never leaves a half-written file under the final name."""
-    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

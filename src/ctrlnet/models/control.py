@@ -8,8 +8,8 @@ A1111; diffusers' MultiControlNet).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -40,24 +40,24 @@ def sum_residuals(residuals: Sequence[Residuals]) -> Residuals | None:
     return down, mid
 
 
+def is_zero_scale(scale: float | Sequence[float]) -> bool:
+    """The one rule for skipping a net: its scale is 0 for every residual (it is then not run at all)."""
+    return all(s == 0 for s in scale) if isinstance(scale, (list, tuple)) else scale == 0
+
+
 @dataclass
 class ControlUnit:
-    """One ControlNet with its condition and how strongly it acts.
-
-    ``hint`` caches ``net.embed_condition(condition)``; ``soft`` selects the soft scales
-    0.825**(n-1-i) (guess mode / "my prompt is more important").
-    """
+    """One ControlNet with its condition and how strongly it acts; ``soft`` selects the soft scales
+    0.825**(n-1-i) (guess mode / "my prompt is more important")."""
 
     net: ControlNet
-    condition: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+    condition: torch.Tensor  # (B, 3, H, W) in [0, 1]
     scale: float | Sequence[float] = 1.0
     soft: bool = False
-    hint: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def residuals(self, sample, timestep, encoder_hidden_states, **kwargs) -> Residuals:
         return self.net(sample, timestep, encoder_hidden_states, condition=self.condition,
-                        hint=self.hint, conditioning_scale=self.scale, guess_mode=self.soft, **kwargs)
+                        conditioning_scale=self.scale, guess_mode=self.soft, **kwargs)
 
 
 class ControlledUNet(nn.Module):
@@ -86,7 +86,7 @@ class ControlledUNet(nn.Module):
         scales = list(scales) if scales is not None else [1.0] * len(conditions)
         soft = list(soft) if soft is not None else [False] * len(conditions)
         units = [ControlUnit(net, c, s, g) for net, c, s, g in zip(self.controlnets, conditions, scales, soft)
-                 if c is not None and not (isinstance(s, (int, float)) and s == 0)]
+                 if c is not None and not is_zero_scale(s)]
         residuals = sum_residuals([u.residuals(sample, timestep, encoder_hidden_states,
                                                added_cond_kwargs=added_cond_kwargs) for u in units])
         return controlled_unet_forward(self.unet, sample, timestep, encoder_hidden_states, residuals,

@@ -24,20 +24,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+import torch._inductor.config as inductor_config
+from tqdm.auto import tqdm
+
+from ..annotators import get_annotator
 from ..base import LockedBase, load_base
+from ..formats import load_controlnet
+from ..images import RESIZE_MODES, as_rgb, resize_plain, resize_to, round_size
 from ..models.controlnet import ControlNet
+from ..names import NANO, is_nano
 from ..prepack import PackedWeights
 from ..prepack import available as packing_available
-from .images import RESIZE_MODES, load_image, resize_plain, resize_to, round_size, to_rgb
-from .sampling import CONTROL_MODES, ActiveControl, decode, denoise, encode_image, encode_text, sdxl_time_ids
+from .sampling import (ActiveControl, Inpainting, RegionBatch, check_control, decode, denoise, encode_image,
+                       initial_noise)
 from .schedulers import make_scheduler, sampler_label
-from .text_to_image import initial_noise
+from .text import PromptTruncatedWarning, encode_text, guidance_text, warn_long_prompts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class PromptTruncatedWarning(UserWarning):
-    """A prompt longer than the text encoder's context; the rest is cut."""
 
 
 @dataclass
@@ -64,18 +67,20 @@ class Control:
     resize_mode: str = "crop_and_resize"
 
     def check(self) -> None:
-        if self.mode not in CONTROL_MODES:
-            raise ValueError(f"control {self.model}: mode {self.mode!r} is not one of {', '.join(CONTROL_MODES)}")
+        """Every rule a control unit obeys, for the CLI, the Python API and the server alike."""
+        where = f"control {self.model}"
+        check_control(self.mode, self.start, self.end, where)
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"control {self.model}: resize mode {self.resize_mode!r} is not one of "
-                             f"{', '.join(RESIZE_MODES)}")
-        if not 0 <= self.start <= self.end <= 1:
-            raise ValueError(f"control {self.model}: need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+            raise ValueError(f"{where}: resize mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.image is None and self.annotator != "inpaint":
-            raise ValueError(f"control {self.model}: no image given")
+            raise ValueError(f"{where}: no image given")
         if self.annotator and self.annotator != "inpaint":
-            from ..annotators import get_annotator
             get_annotator(self.annotator, **self.annotator_params)  # unknown names/parameters fail here, early
+
+    @property
+    def per_prompt(self) -> bool:
+        """One image per prompt (a list) rather than one image for all."""
+        return isinstance(self.image, (list, tuple))
 
 
 @dataclass
@@ -130,15 +135,6 @@ def check_compatible(net: ControlNet, base: LockedBase, name: str) -> None:
     if problems:
         raise ValueError(f"ControlNet {name} does not fit the base {base.source} ({base.kind}): "
                          + "; ".join(problems) + ". Use a ControlNet trained for this base family.")
-
-
-def resolve_base(base: str | Path | LockedBase, dtype: torch.dtype = torch.float32) -> LockedBase:
-    if isinstance(base, LockedBase):
-        return base
-    if str(base) == "nano":
-        from ..testbed import NANO_SD
-        base = NANO_SD
-    return load_base(base, dtype=dtype)
 
 
 class Pipeline:
@@ -221,8 +217,9 @@ class Pipeline:
         if torch_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
                           "fp32; use --dtype fp32", stacklevel=2)
-        pipe = cls(resolve_base(base).to(device, torch_dtype), dtype=torch_dtype,
-                   name="nano" if str(base) == "nano" else "", channels_last=channels_last,
+        base_model = base if isinstance(base, LockedBase) else load_base(base)
+        pipe = cls(base_model.to(device, torch_dtype), dtype=torch_dtype,
+                   name=NANO if is_nano(base) else "", channels_last=channels_last,
                    packed_weights=packed_weights, compile=compile)
         for net in controlnets:
             pipe.controlnet(net)
@@ -262,7 +259,6 @@ class Pipeline:
             return self.controlnets.get(key) or self.add_controlnet(key, model)
         key = str(model)
         if key not in self.controlnets:
-            from ..formats import load_controlnet
             self.add_controlnet(key, load_controlnet(key, dtype=self.dtype))
         return self.controlnets[key]
 
@@ -271,37 +267,29 @@ class Pipeline:
         """Image sides must be multiples of this: VAE factor x 2**(UNet downsamplers)."""
         return self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.block_out_channels) - 1)
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ defaults
 
-    def condition_map(self, control: Control, width: int, height: int,
-                      init: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
-        """The (height, width, 3) condition as float32 in [0, 1] (inpaint: masked pixels -1)."""
-        if control.annotator == "inpaint":
-            source = control.image if control.image is not None else init
-            if source is None or mask is None:
-                raise ValueError("annotator=inpaint needs an init image (or the control's image) and a mask")
-            rgb = resize_to(as_rgb(source, "inpaint image"), width, height, control.resize_mode)
-            cond = rgb.astype(np.float32) / 255.0
-            cond[mask > 0.5] = -1.0  # the inpaint ControlNet's marker for pixels to repaint
-            return cond
-        rgb = as_rgb(control.image, f"control {control.model} image")
-        if control.annotator:
-            from ..annotators import get_annotator
-            rgb = get_annotator(control.annotator, **control.annotator_params)(rgb)
-        return resize_to(rgb, width, height, control.resize_mode).astype(np.float32) / 255.0
+    def default_guidance(self) -> tuple[float, float]:
+        """(guidance, guidance_rescale) for this base: a zero-terminal-SNR model (nano) wants 2.5 / 0.7
+        (Lin et al. 2023), others the usual 7.5 / 0."""
+        zsnr = bool(self.base.scheduler.config.get("rescale_betas_zero_snr", False))
+        return (2.5, 0.7) if zsnr else (7.5, 0.0)
 
-    def output_size(self, width: int | None, height: int | None, controls: Sequence[Control],
-                    init: np.ndarray | None) -> tuple[int, int]:
-        """Sides rounded to the size multiple; missing sides follow the init or first control image."""
-        m = self.size_multiple
-        native = self.base.unet.config.sample_size * self.base.vae_scale_factor
-        first = lambda image: image[0] if isinstance(image, (list, tuple)) else image
-        ref = init if init is not None else next((as_rgb(first(c.image), str(c.model)) for c in controls
-                                                  if c.image is not None), None)
+    @property
+    def native_size(self) -> int:
+        """The side the base was trained at (nano 128, SD1.5 512, SDXL 1024)."""
+        return self.base.unet.config.sample_size * self.base.vae_scale_factor
+
+    # ------------------------------------------------------------------ prepare steps
+
+    def output_size(self, width: int | None, height: int | None, ref: np.ndarray | None) -> tuple[int, int]:
+        """Sides rounded to the size multiple; missing sides follow ``ref`` (the init or first control
+        image): its short side to the native size, aspect kept (the original apps' resize_image)."""
+        m, native = self.size_multiple, self.native_size
         if width is None and height is None:
             if ref is None:
                 width = height = native
-            else:  # short side to the native size, aspect kept (original apps' resize_image)
+            else:
                 k = native / min(ref.shape[:2])
                 width, height = ref.shape[1] * k, ref.shape[0] * k
         elif width is None or height is None:
@@ -309,143 +297,95 @@ class Pipeline:
             height = height if height is not None else width
         return round_size(int(round(width)), m), round_size(int(round(height)), m)
 
-    # ------------------------------------------------------------------ generation
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str], controls: Sequence[Control] = (), negative_prompt: str = "",
-                 steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
-                 seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
-                 scheduler: str = "ddim", init_image: Any = None, strength: float = 1.0, mask: Any = None,
-                 progress: bool = False, callback=None, output_type: str = "pil",
-                 regions: Region | Sequence[Region] | Sequence[Sequence[Region]] = ()) -> Result:
-        """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
-        the base's own (nano: 2.5 / 0.7, a zero-terminal-SNR model; others 7.5 / 0).
-        ``regions``: ``Region``s for every prompt, or one list of them per prompt.
-        ``callback(i)`` is called after denoising step i; ``output_type="latent"`` skips decoding."""
-        base = self.base
-        zsnr = bool(base.scheduler.config.get("rescale_betas_zero_snr", False))
-        guidance = guidance if guidance is not None else (2.5 if zsnr else 7.5)
-        guidance_rescale = guidance_rescale if guidance_rescale is not None else (0.7 if zsnr else 0.0)
-        # 1. Check inputs.
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if steps < 1 or num_images < 1:
-            raise ValueError(f"steps and num_images must be >= 1, got {steps}, {num_images}")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+    @staticmethod
+    def prepare_images(controls: Sequence[Control], n_prompts: int) -> list[list[np.ndarray | None]]:
+        """Each control's image(s) decoded once: per control, one (H, W, 3) uint8 array (or None for
+        an inpaint control without its own image), or one per prompt."""
+        decoded = []
         for c in controls:
-            c.check()
-        self.warn_long_prompts(prompts + [negative_prompt])
-        init = as_rgb(init_image, "init image") if init_image is not None else None
-        if mask is not None and init is None:
-            raise ValueError("a mask needs an init image (init_image=...)")
-        width, height = self.output_size(width, height, controls, init)
-        b = len(prompts) * num_images
-        prompts = [p for p in prompts for _ in range(num_images)]
-        device, dtype = base.unet.device, self.dtype
-        factor = base.vae_scale_factor
-        # 2. Prompts: [uncond; cond] for classifier-free guidance.
-        cond, pooled = encode_text(base, prompts)
-        uncond, uncond_pooled = encode_text(base, [negative_prompt] * b)
-        cfg = guidance > 1
-        text = torch.cat([uncond, cond]) if cfg else cond  # (2B or B, T, D)
-        added = None
-        if pooled is not None:  # SDXL: pooled text and size/crop conditioning
-            added = {"text_embeds": torch.cat([uncond_pooled, pooled]) if cfg else pooled,
-                     "time_ids": sdxl_time_ids(text.shape[0], height, width).to(device, text.dtype)}
-        region_batch = self.region_batch(regions, len(prompts) // num_images, num_images, width, height)
-        # 3. Init image and mask (img2img / inpainting), resized like the conditions.
-        init_rs = resize_to(init, width, height) if init is not None else None
-        mask_rs = None
-        if mask is not None:
-            m = as_rgb(mask, "mask").max(axis=2)
-            mask_rs = (resize_to(np.repeat(m[:, :, None], 3, 2), width, height, resize=resize_plain)[..., 0]
-                       > 127).astype(np.float32)
-        # 4. Conditions and their hint features, once per generation.
-        maps, actives = [], []
-        n_prompts = b // num_images
-        for c in controls:
-            net = self.controlnet(c.model)
-            per_prompt = isinstance(c.image, (list, tuple))
-            if per_prompt and len(c.image) != n_prompts:
+            if c.per_prompt and len(c.image) != n_prompts:
                 raise ValueError(f"control {c.model}: {len(c.image)} images for {n_prompts} prompts")
-            units = [Control(**{**c.__dict__, "image": im}) for im in c.image] if per_prompt else [c]
-            cmaps = [self.condition_map(u, width, height, init_rs, mask_rs) for u in units]  # (H, W, 3) float
-            maps.append(cmaps if per_prompt else cmaps[0])
-            cond_t = torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, dtype)  # (1 or P, 3, H, W)
+            images = c.image if c.per_prompt else [c.image]
+            decoded.append([as_rgb(im, f"control {c.model} image") if im is not None else None for im in images])
+        return decoded
+
+    @staticmethod
+    def prepare_mask(mask: Any, width: int, height: int) -> np.ndarray:
+        """(height, width) float32, 1 = repaint, resized as an area (not thinned like an edge map)."""
+        m = as_rgb(mask, "mask").max(axis=2)
+        return (resize_to(np.repeat(m[:, :, None], 3, 2), width, height, resize=resize_plain)[..., 0]
+                > 127).astype(np.float32)
+
+    def condition_map(self, control: Control, rgb: np.ndarray | None, width: int, height: int,
+                      init: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+        """The (height, width, 3) condition of ``control`` from its decoded image ``rgb``, as float32
+        in [0, 1] (inpaint: the control's image or the init image, masked pixels -1)."""
+        if control.annotator == "inpaint":
+            source = rgb if rgb is not None else init
+            if source is None or mask is None:
+                raise ValueError("annotator=inpaint needs an init image (or the control's image) and a mask")
+            cond = resize_to(source, width, height, control.resize_mode).astype(np.float32) / 255.0
+            cond[mask > 0.5] = -1.0  # the inpaint ControlNet's marker for pixels to repaint
+            return cond
+        if control.annotator:
+            rgb = get_annotator(control.annotator, **control.annotator_params)(rgb)
+        return resize_to(rgb, width, height, control.resize_mode).astype(np.float32) / 255.0
+
+    def prepare_controls(self, controls: Sequence[Control], decoded: list[list[np.ndarray | None]], width: int,
+                         height: int, init: np.ndarray | None, mask: np.ndarray | None, b: int,
+                         num_images: int) -> tuple[list, list[ActiveControl]]:
+        """(condition maps, one (H, W, 3) float array or a list of them per control; the loop's
+        ``ActiveControl``s with their hint features, computed once per generation)."""
+        maps, actives = [], []
+        device = self.base.unet.device
+        for c, images in zip(controls, decoded):
+            net = self.controlnet(c.model)
+            cmaps = [self.condition_map(c, rgb, width, height, init, mask) for rgb in images]  # (H, W, 3) float
+            maps.append(cmaps if c.per_prompt else cmaps[0])
+            cond_t = torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, self.dtype)  # (1 or P, 3, H, W)
             hint = net.embed_condition(cond_t)  # (1 or P, C0, h, w)
-            hint = hint.repeat_interleave(num_images, 0) if per_prompt else hint.expand(b, -1, -1, -1)  # (B, ...)
+            hint = hint.repeat_interleave(num_images, 0) if c.per_prompt else hint.expand(b, -1, -1, -1)  # (B, ...)
             actives.append(ActiveControl(self.compiled(net), hint, c.scale, c.start, c.end, c.mode))
-        # 5. Timesteps (img2img: skip the first 1 - strength of them).
-        sched = make_scheduler(scheduler, base.scheduler.config)
-        sched.set_timesteps(steps, device=device)
+        return maps, actives
+
+    def prepare_timesteps(self, scheduler: str, steps: int, strength: float, img2img: bool):
+        """(scheduler, timesteps); img2img skips the first 1 - strength of them."""
+        sched = make_scheduler(scheduler, self.base.scheduler.config)
+        sched.set_timesteps(steps, device=self.base.unet.device)
         timesteps = sched.timesteps
-        if init_rs is not None and strength < 1:
+        if img2img and strength < 1:
             keep = max(1, int(round(steps * strength)))
             timesteps = timesteps[(steps - keep) * sched.order:]
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index((steps - keep) * sched.order)
-        # 6. Latents: per-sample noise (seed + i); img2img starts from the noised init image.
+        return sched, timesteps
+
+    def prepare_latents(self, b: int, width: int, height: int, seed: int, sched, timesteps: torch.Tensor,
+                        init: np.ndarray | None, mask: np.ndarray | None,
+                        strength: float) -> tuple[torch.Tensor, Inpainting | None]:
+        """(initial latents (B, C, h, w), inpainting or None): per-sample noise (seed + i); img2img
+        starts from the noised init image."""
+        base, factor = self.base, self.base.vae_scale_factor
+        device = base.unet.device
         shape = (base.vae.config.latent_channels, height // factor, width // factor)
         noise = initial_noise(shape, b, seed).to(device)
-        gen = torch.Generator().manual_seed(seed)
-        inpaint = None
-        if init_rs is not None:
-            x = torch.from_numpy(init_rs).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
-            image_latents = encode_image(base, x).expand(b, -1, -1, -1).to(device)
-            if strength < 1:
-                latents = sched.add_noise(image_latents, noise, timesteps[:1])
-            else:
-                latents = noise * sched.init_noise_sigma
-            if mask_rs is not None:
-                lm = torch.from_numpy(mask_rs)[None, None]  # (1, 1, H, W)
-                lm = torch.nn.functional.interpolate(lm, size=shape[1:], mode="nearest").expand(b, -1, -1, -1)
-                inpaint = {"mask": lm.to(device), "image_latents": image_latents, "noise": noise}
-                if base.unet.config.in_channels == 9:
-                    masked = x * (1 - torch.from_numpy(mask_rs)[None, None])
-                    inpaint["masked_image_latents"] = encode_image(base, masked).expand(b, -1, -1, -1).to(device)
-        else:
-            latents = noise * sched.init_noise_sigma
-        # 7. Denoising loop.
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(timesteps), desc="sampling", unit="step")
+        if init is None:
+            return noise * sched.init_noise_sigma, None
+        x = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
+        image_latents = encode_image(base, x).expand(b, -1, -1, -1).to(device)
+        latents = sched.add_noise(image_latents, noise, timesteps[:1]) if strength < 1 else noise * sched.init_noise_sigma
+        if mask is None:
+            return latents, None
+        lm = torch.from_numpy(mask)[None, None]  # (1, 1, H, W)
+        lm = torch.nn.functional.interpolate(lm, size=shape[1:], mode="nearest").expand(b, -1, -1, -1)
+        masked = None
+        if base.unet.config.in_channels == 9:
+            masked = encode_image(base, x * (1 - torch.from_numpy(mask)[None, None])).expand(b, -1, -1, -1).to(device)
+        return latents, Inpainting(lm.to(device), image_latents, noise, masked)
 
-        def on_step(i: int) -> None:
-            if bar is not None:
-                bar.update(1)
-            if callback is not None:
-                callback(i)
-        loop_base = dataclasses.replace(base, unet=self.compiled(base.unet))
-        cuda_graphs = self.compile_kwargs is not None and device.type == "cuda"
-        freezing = contextlib.nullcontext()
-        if self.inductor_config:
-            import torch._inductor.config as inductor_config
-            freezing = inductor_config.patch(self.inductor_config)
-        # packed weights in the loop only: the text encoder and the VAE run once per call, where a
-        # packed copy would cost memory and save nothing
-        with self.packed.active() if self.packed is not None else contextlib.nullcontext(), freezing:
-            latents = denoise(loop_base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
-                              generator=gen, inpaint=inpaint, callback=on_step, regions=region_batch,
-                              cuda_graphs=cuda_graphs)
-        if bar is not None:
-            bar.close()
-        # 8. Decode, with the parameters of each image.
-        params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
-                                       seed + i, width, height, controls,
-                                       strength if init is not None else None,
-                                       region_batch["prompts"][i] if region_batch else ())
-                  for i, p in enumerate(prompts)]
-        to_uint8 = lambda m: np.clip(m * 255, 0, 255).astype(np.uint8)
-        conditions = [[to_uint8(x) for x in m] if isinstance(m, list) else to_uint8(m) for m in maps]
-        if output_type == "latent":
-            return Result([], conditions, params, latents, num_images)
-        images = decode(base, latents).numpy()
-        return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images)
-
-    def region_batch(self, regions, n_prompts: int, num_images: int, width: int, height: int) -> dict | None:
-        """The loop's ``regions`` dict: R region prompts per image (padded with "" and an empty mask
-        where a prompt has fewer), their text embeddings (R*B, T, D) and latent-grid weights (R, B, 1, h, w)."""
+    def prepare_regions(self, regions, n_prompts: int, num_images: int, width: int, height: int) -> RegionBatch | None:
+        """The loop's ``RegionBatch``: R region prompts per image (padded with "" and an empty mask
+        where a prompt has fewer), their text embeddings and latent-grid weights."""
         if isinstance(regions, Region):
             regions = [regions]
         if not regions:
@@ -457,8 +397,7 @@ class Pipeline:
         r_max = max(len(r) for r in per_prompt)
         if r_max == 0:
             return None
-        base, f = self.base, self.base.vae_scale_factor
-        device = base.unet.device
+        f = self.base.vae_scale_factor
         weights = torch.zeros(r_max, n_prompts, 1, height // f, width // f)
         texts = [[""] * n_prompts for _ in range(r_max)]
         for p, items in enumerate(per_prompt):
@@ -470,23 +409,99 @@ class Pipeline:
                 m = resize_to(np.repeat(m[:, :, None], 3, 2), width, height, region.resize_mode, resize_plain)[..., 0]
                 m = torch.from_numpy(m.astype(np.float32) / 255)[None, None]  # (1, 1, H, W)
                 weights[r, p] = torch.nn.functional.interpolate(m, size=weights.shape[-2:], mode="area")[0]
-        self.warn_long_prompts([t for row in texts for t in row])
-        rows = [[t for t in row for _ in range(num_images)] for row in texts]  # (R, B) prompts, as the images
-        encoded = [encode_text(base, row) for row in rows]
-        out = {"text": torch.cat([e[0] for e in encoded]),  # (R*B, T, D)
-               "weights": weights.repeat_interleave(num_images, 1).to(device),  # (R, B, 1, h, w)
-               "prompts": [[rows[r][i] for r in range(r_max) if rows[r][i]] for i in range(n_prompts * num_images)]}
-        if encoded[0][1] is not None:  # SDXL pooled text
-            out["text_embeds"] = torch.cat([e[1] for e in encoded])
-        return out
+        warn_long_prompts(self.base.tokenizer, [t for row in texts for t in row])
+        rows = [repeat_prompts(row, num_images) for row in texts]  # (R, B) prompts, as the images
+        encoded = [encode_text(self.base, row) for row in rows]
+        return RegionBatch(text=torch.cat([e[0] for e in encoded]),  # (R*B, T, D)
+                           weights=weights.repeat_interleave(num_images, 1).to(self.base.unet.device),
+                           prompts=[[rows[r][i] for r in range(r_max) if rows[r][i]]
+                                    for i in range(n_prompts * num_images)],
+                           text_embeds=torch.cat([e[1] for e in encoded]) if encoded[0][1] is not None else None)
 
-    def warn_long_prompts(self, prompts: list[str]) -> None:
-        tok = self.base.tokenizer
-        for p in prompts:
-            n = len(tok(p, truncation=False).input_ids)
-            if n > tok.model_max_length:
-                warnings.warn(f"prompt has {n} tokens; the text encoder reads {tok.model_max_length}, the rest is "
-                              f"cut: {p[:60]!r}...", PromptTruncatedWarning, stacklevel=3)
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], controls: Sequence[Control] = (), negative_prompt: str = "",
+                 steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
+                 seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
+                 scheduler: str = "ddim", init_image: Any = None, strength: float = 1.0, mask: Any = None,
+                 progress: bool = False, callback=None, output_type: str = "pil",
+                 regions: Region | Sequence[Region] | Sequence[Sequence[Region]] = ()) -> Result:
+        """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
+        the base's own (``default_guidance``). ``regions``: ``Region``s for every prompt, or one list
+        of them per prompt. ``callback(i)`` is called after denoising step i;
+        ``output_type="latent"`` skips decoding."""
+        default_guidance, default_rescale = self.default_guidance()
+        guidance = guidance if guidance is not None else default_guidance
+        guidance_rescale = guidance_rescale if guidance_rescale is not None else default_rescale
+        # 1. Check inputs; decode every image once.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if steps < 1 or num_images < 1:
+            raise ValueError(f"steps and num_images must be >= 1, got {steps}, {num_images}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        for c in controls:
+            c.check()
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init image (init_image=...)")
+        warn_long_prompts(self.base.tokenizer, prompts + [negative_prompt])
+        n_prompts = len(prompts)
+        decoded = self.prepare_images(controls, n_prompts)
+        init = as_rgb(init_image, "init image") if init_image is not None else None
+        ref = init if init is not None else next((images[0] for images in decoded if images[0] is not None), None)
+        width, height = self.output_size(width, height, ref)
+        prompts = repeat_prompts(prompts, num_images)
+        b = len(prompts)
+        # 2. Prompts: [uncond; cond] for classifier-free guidance (SDXL: with pooled text and time ids).
+        text, added = guidance_text(self.base, prompts, negative_prompt, guidance > 1, height, width)
+        region_batch = self.prepare_regions(regions, n_prompts, num_images, width, height)
+        # 3. Init image and mask (img2img / inpainting), resized like the conditions.
+        init_rs = resize_to(init, width, height) if init is not None else None
+        mask_rs = self.prepare_mask(mask, width, height) if mask is not None else None
+        # 4. Conditions and their hint features, once per generation.
+        maps, actives = self.prepare_controls(controls, decoded, width, height, init_rs, mask_rs, b, num_images)
+        # 5. Timesteps, 6. latents.
+        sched, timesteps = self.prepare_timesteps(scheduler, steps, strength, init_rs is not None)
+        latents, inpaint = self.prepare_latents(b, width, height, seed, sched, timesteps, init_rs, mask_rs, strength)
+        # 7. Denoising loop.
+        latents = self.run_loop(latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
+                                torch.Generator().manual_seed(seed), inpaint, region_batch, progress, callback)
+        # 8. Decode, with the parameters of each image.
+        params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
+                                       seed + i, width, height, controls,
+                                       strength if init is not None else None,
+                                       region_batch.prompts[i] if region_batch else ())
+                  for i, p in enumerate(prompts)]
+        to_uint8 = lambda m: np.clip(m * 255, 0, 255).astype(np.uint8)
+        conditions = [[to_uint8(x) for x in m] if isinstance(m, list) else to_uint8(m) for m in maps]
+        if output_type == "latent":
+            return Result([], conditions, params, latents, num_images)
+        images = decode(self.base, latents).numpy()
+        return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images)
+
+    def run_loop(self, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added, generator,
+                 inpaint, region_batch, progress: bool, callback) -> torch.Tensor:
+        """``sampling.denoise`` with what this Pipeline adds around it: compiled modules, inductor's
+        freezing while they trace, packed weights, the progress bar and the callback."""
+        bar = tqdm(total=len(timesteps), desc="sampling", unit="step") if progress else None
+
+        def on_step(i: int) -> None:
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(i)
+        loop_base = dataclasses.replace(self.base, unet=self.compiled(self.base.unet))
+        cuda_graphs = self.compile_kwargs is not None and self.base.unet.device.type == "cuda"
+        freezing = inductor_config.patch(self.inductor_config) if self.inductor_config else contextlib.nullcontext()
+        # packed weights in the loop only: the text encoder and the VAE run once per call, where a
+        # packed copy would cost memory and save nothing
+        with self.packed.active() if self.packed is not None else contextlib.nullcontext(), freezing:
+            latents = denoise(loop_base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
+                              generator=generator, inpaint=inpaint, callback=on_step, regions=region_batch,
+                              cuda_graphs=cuda_graphs)
+        if bar is not None:
+            bar.close()
+        return latents
 
     def parameters_text(self, prompt, negative_prompt, steps, scheduler, guidance, guidance_rescale, seed, width,
                         height, controls, strength, region_prompts=()) -> str:
@@ -511,22 +526,9 @@ class Pipeline:
         return text + "\n" + ", ".join(f"{k}: {v}" for k, v in items)
 
 
-def as_rgb(item: Any, where: str) -> np.ndarray:
-    """(H, W, 3) uint8 from a path, PIL image or array."""
-    if isinstance(item, (str, Path)):
-        return load_image(item)
-    return to_rgb(item, where)
-
-
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
-    """A PNG with the generation parameters in a "parameters" text chunk (read by A1111 and others)."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
-    return path
+def repeat_prompts(prompts: list[str], num_images: int) -> list[str]:
+    """The batch's prompt order: ``num_images`` rows per prompt, image i of prompt p at p * num_images + i."""
+    return [p for p in prompts for _ in range(num_images)]
 
 
 def grid(result: Result, path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """The denoising loop with control, written out once: text-to-image, img2img and inpainting,
 any number of ControlNets, each with its scale, start/end window and control mode.
 
-Control semantics (REFERENCE section 3; A1111 ``controlnet.py``: ``soft_injection = mode !=
+Control semantics (A1111 ``controlnet.py``: ``soft_injection = mode !=
 balanced``, ``cfg_injection = mode == control``):
 
 - ``balanced``: the net's residuals go to both classifier-free-guidance halves, flat scales;
@@ -11,7 +11,8 @@ balanced``, ``cfg_injection = mode == control``):
   half gets no control, so CFG multiplies the control's effect). Only half the batch goes through
   the ControlNet.
 - A net is active at step i of N when ``i/N >= start`` and ``(i+1)/N <= end`` (diffusers' rule);
-  inactive nets and nets with scale 0 are not run at all (diffusers runs them and multiplies by 0).
+  inactive nets and nets with scale 0 (every residual's) are not run at all (diffusers runs them and
+  multiplies by 0).
 - Hint features (the hint encoder's output) are computed once per generation, not per step.
 - Residuals of several nets are summed.
 """
@@ -25,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..base import LockedBase
-from ..models.control import controlled_unet_forward, sum_residuals
+from ..models.control import controlled_unet_forward, is_zero_scale, sum_residuals
 from ..models.controlnet import ControlNet
 
 CONTROL_MODES = ("balanced", "prompt", "control")
@@ -41,33 +42,18 @@ def rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """(B, T) ids padded to the tokenizer's context; longer prompts are truncated."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def initial_noise(shape: tuple[int, ...], b: int, seed: int) -> torch.Tensor:
+    """(b, *shape): sample i's noise from its own generator seeded ``seed + i``, so a sample
+    does not depend on the batch it is drawn in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)])
 
 
-@torch.no_grad()
-def encode_text(base: LockedBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden (B, T, D), pooled (B, P) or None).
-
-    SD1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
-    states concatenated (768 + 1280 = 2048) and the second encoder's projected pooled output.
-    """
-    if base.text_encoder_2 is None:
-        ids = tokenize(base.tokenizer, prompts).to(base.text_encoder.device)
-        return base.text_encoder(ids)[0], None
-    hidden, pooled = [], None
-    for tok, enc in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
-        out = enc(tokenize(tok, prompts).to(enc.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, P)
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def sdxl_time_ids(batch: int, height: int, width: int) -> torch.Tensor:
-    """SDXL micro-conditioning (original size, crop top-left, target size): uncropped, same size."""
-    return torch.tensor([[height, width, 0, 0, height, width]] * batch, dtype=torch.float32)
+def check_control(mode: str, start: float, end: float, where: str = "control") -> None:
+    """The rules every control obeys, user spec or runtime form alike."""
+    if mode not in CONTROL_MODES:
+        raise ValueError(f"{where}: mode {mode!r} is not one of {', '.join(CONTROL_MODES)}")
+    if not 0 <= start <= end <= 1:
+        raise ValueError(f"{where}: need 0 <= start <= end <= 1, got start={start}, end={end}")
 
 
 @dataclass
@@ -82,14 +68,35 @@ class ActiveControl:
     mode: str = "balanced"
 
     def __post_init__(self):
-        if self.mode not in CONTROL_MODES:
-            raise ValueError(f"control mode {self.mode!r}: use one of {', '.join(CONTROL_MODES)}")
-        if not 0 <= self.start <= self.end <= 1:
-            raise ValueError(f"control start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
+        check_control(self.mode, self.start, self.end)
 
     def active(self, i: int, n: int) -> bool:
-        zero = all(s == 0 for s in self.scale) if isinstance(self.scale, (list, tuple)) else self.scale == 0
-        return not zero and i / n >= self.start and (i + 1) / n <= self.end
+        """Whether the net runs at step i of n (diffusers' window rule; a zero scale never runs)."""
+        return not is_zero_scale(self.scale) and i / n >= self.start and (i + 1) / n <= self.end
+
+
+@dataclass
+class Inpainting:
+    """What the loop needs to inpaint. A 4-channel UNet: the kept region (``mask`` 0) is re-noised
+    to each step's level and pasted back (diffusers' StableDiffusionControlNetInpaintPipeline). A
+    9-channel inpainting UNet instead reads ``mask`` and ``masked_image_latents`` concatenated to
+    its input."""
+
+    mask: torch.Tensor  # (B, 1, h, w), 1 = repaint
+    image_latents: torch.Tensor  # (B, C, h, w) the init image's scaled latents
+    noise: torch.Tensor  # (B, C, h, w) the generation's initial noise
+    masked_image_latents: torch.Tensor | None = None  # (B, C, h, w), 9-channel UNets only
+
+
+@dataclass
+class RegionBatch:
+    """Regional prompts for the loop: R more blocks of B rows go through the UNet and ControlNets
+    with their own prompts; their predictions replace the main prompt's inside their weights."""
+
+    text: torch.Tensor  # (R*B, T, D) region prompts' embeddings, region-major
+    weights: torch.Tensor  # (R, B, 1, h, w) in [0, 1] on the latent grid
+    prompts: list[list[str]]  # per image: its non-empty region prompts (for the parameters text)
+    text_embeds: torch.Tensor | None = None  # (R*B, P) SDXL pooled text
 
 
 def control_residuals(controls: Sequence[ActiveControl], i: int, n: int, model_in: torch.Tensor, t,
@@ -131,18 +138,12 @@ def compose_regions(pred_cond: torch.Tensor, pred_regions: torch.Tensor, weights
 def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, scheduler, timesteps: torch.Tensor,
             guidance: float, guidance_rescale: float = 0.0, controls: Sequence[ActiveControl] = (),
             added: dict | None = None, generator: torch.Generator | None = None,
-            inpaint: dict | None = None, callback: Callable[[int], None] | None = None,
-            regions: dict | None = None, cuda_graphs: bool = False) -> torch.Tensor:
+            inpaint: Inpainting | None = None, callback: Callable[[int], None] | None = None,
+            regions: RegionBatch | None = None, cuda_graphs: bool = False) -> torch.Tensor:
     """Run the sampler over ``timesteps`` from ``latents`` (B, C, h, w) float32; returns the final latents.
 
     ``text`` is (2B, T, D) [uncond; cond] when ``guidance > 1``, else (B, T, D).
-    ``inpaint`` (with a 4-channel UNet): {"mask": (B, 1, h, w) 1 = repaint, "image_latents": (B, C, h, w),
-    "noise": (B, C, h, w)}; the kept region is re-noised to each step's level and pasted back
-    (diffusers' StableDiffusionControlNetInpaintPipeline). A 9-channel inpainting UNet instead gets
-    {"mask", "masked_image_latents"} concatenated to its input.
-    ``regions`` (regional prompts): {"text": (R*B, T, D), "weights": (R, B, 1, h, w)[, "text_embeds":
-    (R*B, P)]}: R more blocks of B rows go through the UNet and ControlNets with their own prompts,
-    and their predictions replace the main prompt's inside their weights (``compose_regions``).
+    ``inpaint``: see ``Inpainting``. ``regions``: see ``RegionBatch`` (composed by ``compose_regions``).
     ``cuda_graphs``: the models are compiled with CUDA graphs (``torch.compile(mode="reduce-overhead")``),
     whose outputs live in buffers the next replay overwrites: each step is marked as a new
     iteration and the prediction is copied out before the sampler keeps it.
@@ -151,11 +152,11 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
     cfg = guidance > 1
     n = len(timesteps)
     b = latents.shape[0]
-    blocks = (2 if cfg else 1) + (regions["weights"].shape[0] if regions else 0)  # row blocks of B per UNet call
+    blocks = (2 if cfg else 1) + (regions.weights.shape[0] if regions else 0)  # row blocks of B per UNet call
     if regions:  # (k*B, ...) rows: [uncond;] cond; region 1; ...; region R
-        text = torch.cat([text, regions["text"].to(text.dtype)])
+        text = torch.cat([text, regions.text.to(text.dtype)])
         if added:
-            added = {"text_embeds": torch.cat([added["text_embeds"], regions["text_embeds"].to(text.dtype)]),
+            added = {"text_embeds": torch.cat([added["text_embeds"], regions.text_embeds.to(text.dtype)]),
                      "time_ids": added["time_ids"][:b].repeat(blocks, 1)}
     # only stochastic samplers (DDPM, Euler a, ...) take a generator
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -165,7 +166,7 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
         model_in = torch.cat([latents] * blocks) if blocks > 1 else latents  # (k*B, C, h, w)
         model_in = scheduler.scale_model_input(model_in, t)
         if inpaint is not None and unet.config.in_channels == 9:
-            extra = torch.cat([inpaint["mask"], inpaint["masked_image_latents"]], dim=1)  # (B, 5, h, w)
+            extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)  # (B, 5, h, w)
             unet_in = torch.cat([model_in, extra.repeat(blocks, 1, 1, 1)], dim=1)
         else:
             unet_in = model_in
@@ -177,7 +178,7 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
         if regions:  # the conditional block becomes the composition of the main and the region prompts
             main_rows = (2 if cfg else 1) * b
             pred_regions = pred[main_rows:].reshape(blocks - main_rows // b, b, *pred.shape[1:])  # (R, B, C, h, w)
-            cond = compose_regions(pred[main_rows - b:main_rows], pred_regions, regions["weights"])
+            cond = compose_regions(pred[main_rows - b:main_rows], pred_regions, regions.weights)
             pred = torch.cat([pred[:b], cond]) if cfg else cond
         if cfg:
             pred_uncond, pred_cond = pred.chunk(2)
@@ -185,10 +186,10 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
             pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale)
         latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
         if inpaint is not None and unet.config.in_channels == 4:
-            kept = inpaint["image_latents"]
+            kept = inpaint.image_latents
             if i < n - 1:
-                kept = scheduler.add_noise(kept, inpaint["noise"], timesteps[i + 1:i + 2])
-            latents = (1 - inpaint["mask"]) * kept + inpaint["mask"] * latents
+                kept = scheduler.add_noise(kept, inpaint.noise, timesteps[i + 1:i + 2])
+            latents = (1 - inpaint.mask) * kept + inpaint.mask * latents
         if callback is not None:
             callback(i)
     return latents

@@ -4,6 +4,8 @@ the base carry over; only the integration method changes)."""
 
 from __future__ import annotations
 
+import diffusers
+
 # name -> (diffusers class, extra config, A1111 name for the PNG parameters)
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
@@ -18,12 +20,18 @@ SCHEDULERS = {
 }
 
 
-def make_scheduler(name: str, base_config):
-    """A fresh scheduler ``name`` configured from ``base_config`` (the base's scheduler config)."""
+def scheduler_key(name: str) -> str:
+    """The ``SCHEDULERS`` key of a sampler name as users write it ("DPM++ 2M", "euler-a", ...); a
+    ValueError listing the names when there is none."""
     key = name.lower().replace("-", "_").replace("+", "p").replace(" ", "_")
     if key not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
-    import diffusers
+    return key
+
+
+def make_scheduler(name: str, base_config):
+    """A fresh scheduler ``name`` configured from ``base_config`` (the base's scheduler config)."""
+    key = scheduler_key(name)
     cls_name, extra, _ = SCHEDULERS[key]
     config = {**dict(base_config), **extra}
     if key == "dpmpp_2m" and config.get("rescale_betas_zero_snr"):
@@ -34,5 +42,5 @@ def make_scheduler(name: str, base_config):
 
 
 def sampler_label(name: str) -> str:
-    key = name.lower().replace("-", "_").replace("+", "p").replace(" ", "_")
-    return SCHEDULERS[key][2] if key in SCHEDULERS else name
+    """The A1111 name of a sampler, for the PNG parameters."""
+    return SCHEDULERS[scheduler_key(name)][2]

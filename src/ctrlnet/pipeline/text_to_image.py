@@ -11,19 +11,8 @@ import torch
 
 from ..base import LockedBase
 from ..models.controlnet import ControlNet
-from .sampling import ActiveControl, decode, denoise, encode_text, sdxl_time_ids
-
-
-@torch.no_grad()
-def encode_prompts(base: LockedBase, prompts: list[str]) -> torch.Tensor:
-    """(B, T, D) text embeddings; prompts longer than the tokenizer's context are truncated."""
-    return encode_text(base, prompts)[0]
-
-
-def initial_noise(shape: tuple[int, ...], b: int, seed: int) -> torch.Tensor:
-    """(b, *shape): sample i's noise from its own generator seeded ``seed + i``, so a sample
-    does not depend on the batch it is drawn in."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)])
+from .sampling import ActiveControl, decode, denoise, initial_noise
+from .text import guidance_text
 
 
 @torch.no_grad()
@@ -46,14 +35,7 @@ def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidanc
         raise ValueError(f"{len(controlnets)} ControlNets but {len(conditions)} conditions")
     scales = list(scales) if scales is not None else [1.0] * len(controlnets)
     # 1. Prompts: [uncond; cond] batched together for CFG.
-    cond, pooled = encode_text(base, prompts)
-    uncond, uncond_pooled = encode_text(base, [negative_prompt] * b)
-    cfg = guidance > 1
-    text = torch.cat([uncond, cond]) if cfg else cond  # (2B or B, T, D)
-    added = None
-    if pooled is not None:  # SDXL
-        added = {"text_embeds": torch.cat([uncond_pooled, pooled]) if cfg else pooled,
-                 "time_ids": sdxl_time_ids(text.shape[0], height, width).to(text.device, text.dtype)}
+    text, added = guidance_text(base, prompts, negative_prompt, guidance > 1, height, width)  # (2B or B, T, D)
     # 2. Control: hint features once per generation.
     controls = [ActiveControl(net, net.embed_condition(c.to(net.device)), s)
                 for net, c, s in zip(controlnets, conditions, scales)]

@@ -16,12 +16,13 @@ import json
 import shlex
 from pathlib import Path
 
+from ..formats import load_controlnet, save_controlnet
+from ..formats.checkpoint import latest_checkpoint
+
 from . import CONTROLNETS
 
 
 def bundle(run: Path, name: str, config: str, overrides: list[str], reports: list[str] = ()) -> Path:
-    from ..formats import load_controlnet, save_controlnet
-    from ..formats.checkpoint import latest_checkpoint
     record = json.loads((run / "controlnet" / "training.json").read_text())
     state = json.loads((latest_checkpoint(run / "checkpoints") / "state.json").read_text())
     log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]

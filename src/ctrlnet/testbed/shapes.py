@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 # Named colours, chosen to be far apart in RGB so that colour accuracy is unambiguous.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -59,16 +60,16 @@ class Sample:
     shapes: list[Shape] = field(default_factory=list)
 
 
-def _a(word: str) -> str:
+def with_article(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def caption(shapes: list[Shape], background: str, fill50k: bool = False) -> str:
     if fill50k:
         return f"{shapes[0].colour} {shapes[0].shape} with {background} background"
-    parts = [_a(f"{s.colour} {s.shape}") for s in shapes]
+    parts = [with_article(f"{s.colour} {s.shape}") for s in shapes]
     objects = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{objects} on {_a(background)} background"
+    return f"{objects} on {with_article(background)} background"
 
 
 def _polygon(s: Shape) -> np.ndarray:
@@ -177,7 +178,6 @@ def generate(out: str | Path, n: int, seed: int = 0, size: int = 128, fill50k: b
         (out / folder).mkdir(parents=True, exist_ok=True)
     jobs = [(i, seed, size, fill50k, str(out)) for i in range(n)]
     workers = workers or min(len(os.sched_getaffinity(0)), 8)
-    from tqdm import tqdm
     with Pool(workers) if workers > 1 else _Serial() as pool:
         records = list(tqdm(pool.imap(_make_one, jobs, chunksize=256), total=n, disable=not progress,
                             desc="ShapesWorld", unit="img"))

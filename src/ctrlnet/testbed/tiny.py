@@ -12,6 +12,10 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ..base import quiet_libraries
 
 FAMILIES = ("sd15", "sd21", "sdxl")
 MAX_LENGTH = 16  # tokenizer/text-encoder context of the tiny models
@@ -37,7 +41,6 @@ def tiny_unet_config(family: str = "sd15") -> dict:
 
 
 def tiny_unet(family: str = "sd15", seed: int = 0):
-    from diffusers import UNet2DConditionModel
     torch.manual_seed(seed)
     return UNet2DConditionModel(**tiny_unet_config(family))
 
@@ -73,10 +76,7 @@ def write_byte_tokenizer(folder: str | Path, max_length: int = MAX_LENGTH) -> Pa
 
 def write_tiny_base(folder: str | Path, family: str = "sd15", seed: int = 0) -> Path:
     """Save a tiny random base in the diffusers pipeline layout and return its folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..base import quiet_libraries
     quiet_libraries()
     folder = Path(folder)
     unet = tiny_unet(family, seed)

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..pipeline.text import encode_text
 from .data import ControlDataset, DataError, Record, image_to_tensor
 
 CACHE_VERSION = 1
@@ -99,8 +101,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def build_cache(base, dataset: ControlDataset, folder: Path, random_flip: bool, skip_bad: bool,
                 batch: int = 16, progress: bool = True) -> TrainCache:
     """Encode every sample's image (and its flip) with the VAE and every unique prompt once."""
-    from tqdm.auto import tqdm
-    from ..pipeline.sampling import encode_text
     folder.mkdir(parents=True, exist_ok=True)
     vae, n = base.vae, len(dataset)
     dtype = vae.dtype

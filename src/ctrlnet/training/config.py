@@ -1,7 +1,7 @@
 """The training configuration: one dataclass, documented defaults, YAML or TOML files,
 ``--set key=value`` overrides. The resolved config is saved with every checkpoint.
 
-Defaults follow the original ControlNet repository (REFERENCE.md section 4): AdamW lr 1e-5,
+Defaults follow the original ControlNet repository (its tutorial_train.py and cldm_v15.yaml): AdamW lr 1e-5,
 batch 4, fp32, no LR schedule, no EMA; plus the paper's 50% empty prompts, which the original
 code never implemented.
 """
@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..configs import shipped_train_configs
 
@@ -184,7 +186,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         import tomllib
         values = tomllib.loads(text)
     elif path.suffix in (".yaml", ".yml", ".json"):
-        import yaml
         values = yaml.safe_load(text) or {}
     else:
         raise ValueError(f"{path}: config files are .yaml, .yml, .toml or .json")
@@ -209,7 +210,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    import yaml
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tmp.replace(path)

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from PIL import Image
+
+from ..images import ImageError, read_image, to_rgb
 
 
 class DataError(ValueError):
@@ -115,9 +118,10 @@ def _hf_records(path: Path, image_column: str, conditioning_image_column: str, c
 def open_image(item: Any, where: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a path or a PIL image; a DataError naming the file otherwise."""
     try:
-        image = item if isinstance(item, Image.Image) else Image.open(item)
-        return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as e:
+        if isinstance(item, Image.Image):
+            return to_rgb(item, where)
+        return read_image(item)
+    except (ImageError, OSError, ValueError) as e:
         name = item if isinstance(item, str) else where
         raise DataError(f"{name} ({where}): cannot read image: {e}; fix or remove it, or set skip_bad: true") \
             from None
@@ -188,12 +192,10 @@ class ControlDataset:
 
 def image_to_tensor(images: list[np.ndarray]):
     """uint8 (H, W, 3) list -> (B, 3, H, W) float in [-1, 1]."""
-    import torch
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1
 
 
 def condition_to_tensor(conditions: list[np.ndarray]):
     """uint8 (H, W, 3) list -> (B, 3, H, W) float in [0, 1]."""
-    import torch
     return torch.from_numpy(np.stack(conditions)).permute(0, 3, 1, 2).float() / 255

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from ..eval.control import controllability
+from ..pipeline.text_to_image import text_to_image
 from .data import ControlDataset, condition_to_tensor, read_records
 
 
@@ -57,7 +59,6 @@ class Monitor:
     @torch.no_grad()
     def validate(self, step: int) -> dict:
         """Generate the held-out conditions' images, score them, write the grid and the curves."""
-        from ..pipeline.text_to_image import text_to_image
         c, tr = self.config, self.trainer
         net = tr.output_net()
         was_training = net.training
@@ -99,18 +100,13 @@ class Monitor:
 
 
 def plot_curves(log_path: Path, png: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     if not log_path.is_file():
         return None
     records = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "iou" in r]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))  # no pyplot: no global backend state
+    ax = fig.subplots(1, 2)
     if train:
         steps, loss = np.array([r["step"] for r in train]), np.array([r["loss"] for r in train])
         ax[0].plot(steps, loss, alpha=0.3, color="C0")
@@ -126,6 +122,5 @@ def plot_curves(log_path: Path, png: Path) -> Path | None:
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     tmp.replace(png)
     return png

@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast, gather_object
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
 
+from ..allocator import retain_freed_memory
+from ..annotators import get_annotator
 from ..base import load_base
 from ..formats.checkpoint import (flat, latest_checkpoint, load_optimizer, optimizer_tensors, read_checkpoint,
                                   rng_state, set_rng_state, unflat, write_checkpoint)
@@ -34,6 +40,7 @@ from ..formats.controlnet_io import load_controlnet, save_controlnet
 from ..formats.safe_load import CheckpointError
 from ..models.control import controlled_unet_forward, lock
 from ..models.controlnet import ControlNet
+from ..pipeline.text import encode_text, sdxl_time_ids
 from .cache import open_or_build_cache
 from .config import TrainConfig, TrainingError, save_config
 from .data import ControlDataset, DataError, condition_to_tensor, image_to_tensor, read_records
@@ -66,8 +73,6 @@ def has_accelerator() -> bool:
 class Trainer:
     def __init__(self, config: TrainConfig, progress: bool = True, base=None):
         """``base``: an already loaded ``LockedBase`` to use instead of loading ``config.base``."""
-        from accelerate import Accelerator
-        from ..allocator import retain_freed_memory
         self.started = time.time()  # the wall-time budget counts loading and caching too
         self.config = c = config.validate()
         # cpu=True when there is no accelerator: accelerate then runs several processes (torchrun /
@@ -82,7 +87,6 @@ class Trainer:
         torch.manual_seed(c.seed)
 
         # The locked base.
-        from diffusers import DDPMScheduler
         self.base = base = base if base is not None else load_base(c.base)
         for part in base.parts().values():
             lock(part).to(self.acc.device, self.weight_dtype)
@@ -119,7 +123,6 @@ class Trainer:
             records = records[:c.max_train_samples]
         annotator = None
         if c.annotator:
-            from ..annotators import get_annotator
             annotator = get_annotator(c.annotator, **c.annotator_params)
         self.dataset = ControlDataset(records, c.resolution, c.center_crop, annotator)
         self.cache = None
@@ -154,7 +157,6 @@ class Trainer:
         if not self.config.max_train_minutes:
             return False
         flag = torch.tensor([float(self.elapsed() >= self.config.max_train_minutes * 60)], device=self.acc.device)
-        from accelerate.utils import broadcast
         return bool(broadcast(flag, from_process=0).item())
 
     def log_line(self, text: str) -> None:
@@ -227,7 +229,6 @@ class Trainer:
             latents = self.cache.latents(idx, flips_l, eps[mine])
             hidden, pooled = self.cache.text(idx, empty_l)
         else:
-            from ..pipeline.sampling import encode_text
             with torch.no_grad():
                 x = image_to_tensor([s[1] for s in samples]).to(dev, self.weight_dtype)
                 params = self.base.vae.encode(x).latent_dist.parameters.float().cpu()
@@ -239,7 +240,6 @@ class Trainer:
         out = {"latents": latents.to(dev), "noise": noise[mine].to(dev), "timesteps": timesteps[mine].to(dev),
                "hidden": hidden.to(dev, torch.float32), "condition": condition}
         if pooled is not None:
-            from ..pipeline.sampling import sdxl_time_ids
             out["added"] = {"text_embeds": pooled.to(dev, torch.float32),
                             "time_ids": sdxl_time_ids(len(idx), c.resolution, c.resolution).to(dev)}
         return out
@@ -346,7 +346,6 @@ class Trainer:
             self.monitor.log(step=self.step, processes=acc.num_processes, device=str(acc.device),
                              global_batch=self.global_micro_batch * c.gradient_accumulation_steps,
                              mixed_precision=c.mixed_precision, samples=len(self.valid))
-        from tqdm.auto import tqdm
         bar = tqdm(total=c.max_train_steps, initial=self.step, disable=not self.progress, unit="step",
                    desc="training")
         accum = c.gradient_accumulation_steps
@@ -421,7 +420,6 @@ class Trainer:
         return h.hexdigest()
 
     def finish(self) -> Path:
-        from accelerate.utils import gather_object
         final = self.out / "controlnet"
         digests = gather_object([self.weights_digest()])  # one per process, in rank order
         if self.acc.is_main_process:

@@ -1,0 +1,172 @@
+"""The state behind the routes: the loaded Pipeline and ControlNets, the queues, the checks a
+request passes before it is queued, and the work itself. No HTTP here (``app`` is the HTTP side),
+so all of it can be called directly."""
+
+import inspect
+import math
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+from ..annotators import ANNOTATORS, NEEDS, available, get_annotator
+from ..formats import load_controlnet
+from ..images import RESIZE_MODES, png_bytes
+from ..names import is_nano
+from ..pipeline import Control, Pipeline, PromptTruncatedWarning
+from ..pipeline.sampling import CONTROL_MODES
+from ..pipeline.schedulers import SCHEDULERS, scheduler_key
+from ..testbed import bundled_controlnets
+from .config import ServeConfig
+from .queue import GenerationQueue
+from .schemas import GenerateRequest
+from .uploads import data_url
+
+
+class ApiError(Exception):
+    """Bad input (or a full queue): answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class Server:
+    """The loaded pipeline, the named ControlNets and the queues; the routes call into it."""
+
+    def __init__(self, config: ServeConfig, pipeline: Pipeline | None = None):
+        self.config = config
+        if pipeline is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype, compile=config.compile)
+        self.pipe = pipeline
+        # every generation runs on this one thread, whichever HTTP thread took the request: CUDA graph
+        # trees (compile on a GPU) record one set of graphs per thread, so they are recorded once
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrlnet-model")
+        named = dict(config.controlnets)
+        if is_nano(config.base):
+            named = {**{k: str(v) for k, v in bundled_controlnets().items()}, **named}
+        for name, path in named.items():  # loaded now: requests can only pick among these
+            self.pipe.add_controlnet(name, load_controlnet(path, dtype=self.pipe.dtype))
+        self.generation = GenerationQueue(config.queue)
+        self.detection = GenerationQueue(2 * config.queue)
+
+    # ------------------------------------------------------------------ info
+
+    def models(self) -> dict:
+        native = self.pipe.native_size
+        guidance, guidance_rescale = self.pipe.default_guidance()
+        nets = []
+        for name in self.pipe.controlnets:
+            # the annotator whose maps a net was trained on, when its name says it (nano-canny -> canny)
+            suggested = next((a for a in sorted(ANNOTATORS, key=len, reverse=True) if a in name.lower()), "")
+            nets.append({"name": name, "annotator": suggested})
+        c = self.config
+        return {"base": self.pipe.name, "controlnets": nets, "schedulers": list(SCHEDULERS),
+                "modes": list(CONTROL_MODES), "resize_modes": list(RESIZE_MODES),
+                "defaults": {"steps": 20, "guidance": guidance, "guidance_rescale": guidance_rescale,
+                             "width": native, "height": native, "scheduler": "ddim"},
+                "size_multiple": self.pipe.size_multiple,
+                "limits": {"max_upload_mb": c.max_upload_mb, "max_pixels": c.max_pixels, "max_side": c.max_side,
+                           "max_steps": c.max_steps, "max_images": c.max_images, "max_controls": c.max_controls,
+                           "queue": c.queue}}
+
+    @staticmethod
+    def annotators() -> list[dict]:
+        out = []
+        for name, fn in ANNOTATORS.items():
+            params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+                      if p.name != "image" and p.default is not inspect.Parameter.empty}
+            doc = (inspect.getdoc(fn) or "").split("\n")[0]
+            out.append({"name": name, "doc": doc, "params": params, "available": available(name),
+                        "needs": NEEDS.get(name, "")})
+        return out
+
+    # ------------------------------------------------------------------ checks (before queueing)
+    # Only what the server adds: its limits, the models it loaded, what it does not offer. The rules
+    # of a control unit itself are Control.check()'s (see controls()).
+
+    def check_params(self, params: dict, where: str) -> dict:
+        """Resolutions within [64, max_side]; other numbers finite and within +-1024 (a kernel size or
+        cluster count from a request must not be able to tie the server up); seeds any 32-bit value."""
+        for key, v in params.items():
+            if key in ("detect_resolution", "image_resolution"):
+                if not (isinstance(v, int) and not isinstance(v, bool) and 64 <= v <= self.config.max_side):
+                    raise ApiError(400, f"{where}.params.{key}: must be an integer in [64, {self.config.max_side}]")
+            elif key == "seed":
+                if not (isinstance(v, int) and 0 <= v < 2 ** 32):
+                    raise ApiError(400, f"{where}.params.seed: must be an integer in [0, 2**32)")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and abs(v) <= 1024):
+                raise ApiError(400, f"{where}.params.{key}: {v} is out of range (|value| <= 1024)")
+        return params
+
+    def check_generate(self, req: GenerateRequest) -> None:
+        c = self.config
+        if req.steps > c.max_steps:
+            raise ApiError(400, f"steps: {req.steps} is over this server's limit of {c.max_steps}")
+        if req.num_images > c.max_images:
+            raise ApiError(400, f"num_images: {req.num_images} is over this server's limit of {c.max_images}")
+        for key in ("width", "height"):
+            v = getattr(req, key)
+            if v is not None and v > c.max_side:
+                raise ApiError(400, f"{key}: {v} is over this server's limit of {c.max_side}")
+        if len(req.controls) > c.max_controls:
+            raise ApiError(400, f"controls: {len(req.controls)} units, this server allows {c.max_controls}")
+        try:  # the Pipeline's own normaliser: the same spellings are accepted
+            scheduler_key(req.scheduler)
+        except ValueError as e:
+            raise ApiError(400, f"scheduler: {e}") from None
+        for i, u in enumerate(req.controls):
+            if u.model not in self.pipe.controlnets:
+                raise ApiError(400, f"controls.{i}.model: unknown ControlNet {u.model!r}; available: "
+                                    f"{', '.join(self.pipe.controlnets) or 'none'}")
+            if u.annotator == "inpaint":  # needs an init image and a mask, which the API does not take
+                raise ApiError(400, f"controls.{i}.annotator: inpaint is not offered by the server")
+            self.check_params(u.params, f"controls.{i}")
+
+    def controls(self, req: GenerateRequest, images: list) -> list[Control]:
+        """The request's units as Controls with their decoded images, each checked by Control.check()
+        now, so a bad unit is a 400 before it waits in the queue."""
+        out = []
+        for i, (unit, image) in enumerate(zip(req.controls, images, strict=True)):
+            control = unit.to_control(image)
+            try:
+                control.check()
+            except ValueError as e:
+                raise ApiError(400, f"controls.{i}: {e}") from None
+            out.append(control)
+        return out
+
+    # ------------------------------------------------------------------ work (runs in a worker thread)
+
+    def detect(self, rgb, annotator: str, params: dict) -> dict:
+        t0 = time.perf_counter()
+        try:
+            fn = get_annotator(annotator, **params)
+            out = fn(rgb)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"annotator {annotator!r}: {e}") from None
+        return {"image": data_url(png_bytes(out)), "width": int(out.shape[1]), "height": int(out.shape[0]),
+                "seconds": round(time.perf_counter() - t0, 3)}
+
+    def generate(self, req: GenerateRequest, controls: list[Control], on_step=None) -> dict:
+        """Run the Pipeline on the model thread; ``controls`` from ``controls()``."""
+        t0 = time.perf_counter()
+
+        def work():  # on the model thread; its warnings are caught there
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = self.pipe(req.prompt, controls=controls, negative_prompt=req.negative_prompt,
+                                   steps=req.steps, guidance=req.guidance, guidance_rescale=req.guidance_rescale,
+                                   seed=req.seed, num_images=req.num_images, width=req.width, height=req.height,
+                                   scheduler=req.scheduler, callback=on_step)
+            return result, [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+        try:
+            result, notes = self.model_thread.submit(work).result()
+        except ValueError as e:  # the pipeline's own checks that need the model: image sizes, ...
+            raise ApiError(400, str(e)) from None
+        w, h = result.images[0].size
+        return {"images": [data_url(png_bytes(im, p)) for im, p in zip(result.images, result.parameters)],
+                "conditions": [data_url(png_bytes(m)) for m in result.conditions],
+                "parameters": result.parameters, "seeds": [req.seed + i for i in range(len(result.images))],
+                "width": w, "height": h, "seconds": round(time.perf_counter() - t0, 3), "warnings": notes}
