@@ -10,8 +10,8 @@ from .base import LockedBase, load_base
 from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_controlnet
 from .models import ControlledUNet, ControlNet, ControlNetConfig, ControlUnit, lock, sum_residuals, zero_module
 from .pipeline import Control, Pipeline, Region
-
 from .version import __version__
+
 __all__ = ["ControlNet", "ControlNetConfig", "ControlledUNet", "ControlUnit", "zero_module", "lock", "sum_residuals",
            "load_base", "LockedBase", "load_controlnet", "save_controlnet", "inspect_checkpoint", "CheckpointError",
-           "Pipeline", "Control", "Region"]
+           "Pipeline", "Control", "Region", "__version__"]

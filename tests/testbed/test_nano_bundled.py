@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import torch
 
 from ctrlnet.base import load_base

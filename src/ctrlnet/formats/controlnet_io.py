@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import diffusers
 
-from ..configs import KNOWN_BASES, classify_base, known_controlnet_config
+from ..configs import classify_base, known_controlnet_config
 from ..models.controlnet import ControlNet, ControlNetConfig
 from ..names import UnknownName, controlnet_path, is_training_checkpoint
 from .checkpoint import controlnet_from_checkpoint

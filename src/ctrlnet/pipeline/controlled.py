@@ -38,7 +38,7 @@ from ..prepack import available as packing_available
 from .sampling import (ActiveControl, Inpainting, RegionBatch, check_control, decode, denoise, encode_image,
                        initial_noise)
 from .schedulers import make_scheduler, sampler_label
-from .text import PromptTruncatedWarning, encode_text, guidance_text, warn_long_prompts
+from .text import encode_text, guidance_text, warn_long_prompts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
