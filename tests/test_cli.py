@@ -39,6 +39,13 @@ def test_convert_and_inspect(tmp_path, controlnet):
         assert torch.equal(back.state_dict()[k], v.half())
 
 
+def test_inspect_resolves_bundled_names():
+    from ctrlnet.formats import inspect_checkpoint
+    info = inspect_checkpoint("nano-canny")
+    assert info["format"] == "diffusers" and info["path"].endswith("nano-canny")
+    assert info["parameters"] == sum(p.numel() for p in load_controlnet("nano-canny").parameters())
+
+
 def test_bad_file_is_one_line_error_without_traceback(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     r = run("inspect", str(tmp_path / "junk.safetensors"))

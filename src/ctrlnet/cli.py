@@ -14,8 +14,11 @@ from .annotators.batch import annotate
 from .eval.report import evaluate
 from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_controlnet
 from .images import save_png
+from .names import controlnet_path
 from .pipeline import Control, Pipeline, PromptTruncatedWarning, Region
-from .pipeline.controlled import grid
+from .pipeline.controlled import DTYPES, grid
+from .pipeline.schedulers import SCHEDULERS
+from .serve import ServeConfig, serve
 from .testbed.shapes import generate
 from .training import TrainingError, load_config, train
 from .training.config import resolve_config_path
@@ -159,15 +162,15 @@ def cmd_eval(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve import ServeConfig, serve
     nets = {}
     for spec in args.controlnet:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).stem if Path(spec).suffix else Path(spec).name, spec
-        if not Path(path).exists():
-            raise ValueError(f"--controlnet {spec}: no such file or folder")
-        nets[name] = path
+        try:
+            nets[name] = str(controlnet_path(path))  # a path, or a bundled name
+        except ValueError as e:
+            raise ValueError(f"--controlnet {spec}: {e}") from None
     serve(ServeConfig(host=args.host, port=args.port, base=args.base, controlnets=nets, dtype=args.dtype,
                       queue=args.queue, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                       max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
@@ -207,12 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 2.5 for zero-SNR bases, else 7.5)")
     p.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale (default: 0.7 for zero-SNR bases such as nano, else 0)")
-    p.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc, ddpm, pndm")
+    p.add_argument("--scheduler", default="ddim", help=", ".join(SCHEDULERS))
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--no-packed-weights", action="store_true",
                    help="CPU fp32: PyTorch's plain convolution kernels instead of weights packed for the "
                         "denoising loop (slower; lower peak memory, see README)")
@@ -254,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--guidance-rescale", type=float, default=None)
     p.add_argument("--scheduler", default="ddim")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--no-baseline", action="store_true", help="skip the same prompts without control")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNets (see generate --compile)")
@@ -272,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="nano", help="base model: nano, a diffusers folder or a single file")
     p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
                    help="a ControlNet file/folder to offer (repeatable); with base nano the bundled nets are offered too")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--queue", type=int, default=4, help="requests that may wait for the model; more get 503")
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="request body limit")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="pixel limit per uploaded image")

@@ -103,6 +103,15 @@ def read_image(source: str | Path | bytes, where: str | None = None, max_pixels:
     return rgb
 
 
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file as ``read_image`` returns it (EXIF orientation applied),
+    read from the header without decoding."""
+    with Image.open(path) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap the sides
+    return (w, h) if turned else (h, w)
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a file; an ImageError naming the file when it cannot be used."""
     return read_image(path)

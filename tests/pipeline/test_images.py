@@ -86,6 +86,8 @@ def test_exif_orientation_is_applied_for_files_and_bytes(tmp_path):
     exif[0x0112] = 6
     path = tmp_path / "portrait.png"
     Image.fromarray(stored).save(path, exif=exif)
+    from ctrlnet.images import upright_size
+    assert upright_size(path) == (40, 20)
     for upright in (read_image(path), read_image(path.read_bytes(), "upload")):
         assert upright.shape == (40, 20, 3)  # upright: portrait
         assert upright[:10].min() == 255 and upright[10:].max() == 0  # the band is now on top

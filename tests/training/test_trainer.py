@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ctrlnet.formats import load_controlnet
+from ctrlnet.formats import inspect_checkpoint, load_controlnet
 from ctrlnet.training import TrainingError, train
 from ctrlnet.formats.checkpoint import latest_checkpoint, unflat
 from ctrlnet.training.data import DataError
@@ -301,7 +301,11 @@ def test_wall_time_budget_stops_with_a_checkpoint(make_config):
     out = train(cfg, progress=False)
     steps = json.loads((out / "training.json").read_text())["steps"]
     assert 0 < steps < 10**6
-    assert latest_checkpoint(Path(cfg.output_dir) / "checkpoints").name == f"step-{steps:06d}"
+    last = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+    assert last.name == f"step-{steps:06d}"
+    info = inspect_checkpoint(last)  # what `ctrlnet inspect` says of a training checkpoint folder
+    assert info["format"] == "ctrlnet-train-checkpoint"
+    assert info["parameters"] == sum(p.numel() for p in load_controlnet(last).parameters())
 
 
 def test_lr_schedules(make_config):

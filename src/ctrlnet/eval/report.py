@@ -28,7 +28,7 @@ import json
 import platform
 import re
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -50,6 +50,13 @@ from .control import edge_f1, foreground_iou, pose_pck, region_miou, ssim
 from .shapes import colour_presence, score_objects, true_object_masks
 
 EDGE_ANNOTATORS = {"canny", "scribble", "threshold"}
+
+
+def report_control(c: Control) -> dict:
+    """A control as report.json records it (``condition``: the metadata column, or null)."""
+    return {"model": str(c.model), "annotator": c.annotator, "annotator_params": dict(c.annotator_params),
+            "condition": c.image, "scale": c.scale, "start": c.start, "end": c.end, "mode": c.mode,
+            "resize_mode": c.resize_mode}
 
 
 def reextraction_metric(annotator: str):
@@ -164,6 +171,10 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
     glob, each checkpoint's net compiles anew)."""
     if not controls:
         raise ValueError("eval: give at least one --control")
+    for c in controls:
+        if not isinstance(c.model, (str, Path)):
+            raise ValueError(f"eval: control model {type(c.model).__name__}: give a name or path (the report "
+                             "records it, and a glob over checkpoints is expanded)")
     out = Path(out)
     samples = load_samples(data, n if not split_objects else 10 * n)
     if split_objects:
@@ -217,7 +228,7 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
     seconds = time.perf_counter() - start
     report = {
         "base": str(base), "data": str(data), "n": len(samples), "seeds": seeds, "images_per_config": len(last_images),
-        "controls": [asdict(c) for c in controls], "split_objects": split_objects,
+        "controls": [report_control(c) for c in controls], "split_objects": split_objects,
         "regions": regions, "settings": {**settings, "dtype": dtype, "compile": compile, "seed_rule": "sample i, image j: seed i * seeds + j"},
         "results": results, "baseline": base_metrics, "seconds": round(seconds, 1),
         "versions": {"ctrlnet": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,

@@ -21,13 +21,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 import diffusers
+import torch
 
 from ..configs import classify_base, known_controlnet_config
 from ..models.controlnet import ControlNet, ControlNetConfig
 from ..names import UnknownName, controlnet_path, is_training_checkpoint
-from .checkpoint import controlnet_from_checkpoint
+from .checkpoint import controlnet_from_checkpoint, read_checkpoint, unflat
 from .keymap import build_keymap
 from .safe_load import CheckpointError, read_state_dict, write_safetensors
 
@@ -305,10 +305,19 @@ def save_controlnet(net: ControlNet, out: str | Path, format: str = "diffusers",
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """What a ControlNet file or folder holds: format, base, parameters, dtype, residuals.
 
-    Reads the config (folder, metadata) or infers it from the shapes; builds no model.
+    Reads the config (folder, metadata) or infers it from the shapes; builds no model. A bundled
+    name (``nano-canny``) is resolved as in ``load_controlnet``.
     """
-    path = Path(path)
-    if path.is_dir():
+    try:
+        path = controlnet_path(path)
+    except UnknownName as e:
+        raise CheckpointError(str(e)) from None
+    if is_training_checkpoint(path):  # a `ctrlnet train` checkpoint: the weights it would load
+        fmt = "ctrlnet-train-checkpoint"
+        tensors, state = read_checkpoint(path)
+        config = ControlNetConfig.from_dict(state["controlnet_config"])
+        control = unflat("ema", tensors) or unflat("controlnet", tensors)
+    elif path.is_dir():
         fmt = "diffusers"
         weights = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), None)
         if weights is None or not (path / "config.json").is_file():

@@ -35,8 +35,8 @@ from ..models.controlnet import ControlNet
 from ..names import NANO, is_nano
 from ..prepack import PackedWeights
 from ..prepack import available as packing_available
-from .sampling import (ActiveControl, Inpainting, RegionBatch, check_control, decode, denoise, encode_image,
-                       initial_noise)
+from .sampling import (ActiveControl, Inpainting, RegionBatch, check_control, decode, default_guidance, denoise,
+                       encode_image, initial_noise)
 from .schedulers import make_scheduler, sampler_label
 from .text import encode_text, guidance_text, warn_long_prompts
 
@@ -270,10 +270,8 @@ class Pipeline:
     # ------------------------------------------------------------------ defaults
 
     def default_guidance(self) -> tuple[float, float]:
-        """(guidance, guidance_rescale) for this base: a zero-terminal-SNR model (nano) wants 2.5 / 0.7
-        (Lin et al. 2023), others the usual 7.5 / 0."""
-        zsnr = bool(self.base.scheduler.config.get("rescale_betas_zero_snr", False))
-        return (2.5, 0.7) if zsnr else (7.5, 0.0)
+        """(guidance, guidance_rescale) for this base (``sampling.default_guidance``)."""
+        return default_guidance(self.base)
 
     @property
     def native_size(self) -> int:

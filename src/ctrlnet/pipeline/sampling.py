@@ -48,6 +48,13 @@ def initial_noise(shape: tuple[int, ...], b: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)])
 
 
+def default_guidance(base: LockedBase) -> tuple[float, float]:
+    """(guidance, guidance_rescale) for a base: a zero-terminal-SNR model (nano) wants 2.5 / 0.7
+    (Lin et al. 2023, arXiv 2305.08891), others the usual 7.5 / 0."""
+    zsnr = bool(base.scheduler.config.get("rescale_betas_zero_snr", False))
+    return (2.5, 0.7) if zsnr else (7.5, 0.0)
+
+
 def check_control(mode: str, start: float, end: float, where: str = "control") -> None:
     """The rules every control obeys, user spec or runtime form alike."""
     if mode not in CONTROL_MODES:

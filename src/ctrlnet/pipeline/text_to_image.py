@@ -11,20 +11,24 @@ import torch
 
 from ..base import LockedBase
 from ..models.controlnet import ControlNet
-from .sampling import ActiveControl, decode, denoise, initial_noise
+from .sampling import ActiveControl, decode, default_guidance, denoise, initial_noise
 from .text import guidance_text
 
 
 @torch.no_grad()
-def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidance: float = 2.5,
-                  guidance_rescale: float = 0.7, seed: int = 0, height: int | None = None, width: int | None = None,
+def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidance: float | None = None,
+                  guidance_rescale: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
                   negative_prompt: str = "", scheduler=None, controlnets: Sequence[ControlNet] = (),
                   conditions: Sequence[torch.Tensor] = (), scales: Sequence[float] | None = None) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for ``prompts``; sample b's noise depends on (seed, b) only.
 
     ``controlnets[i]`` is driven by ``conditions[i]`` ((B, 3, H, W) in [0, 1]) at ``scales[i]``;
-    each net's hint features are computed once, not per step.
+    each net's hint features are computed once, not per step. ``guidance``/``guidance_rescale``
+    default to the base's own (``sampling.default_guidance``).
     """
+    default, default_rescale = default_guidance(base)
+    guidance = guidance if guidance is not None else default
+    guidance_rescale = guidance_rescale if guidance_rescale is not None else default_rescale
     unet = base.unet
     factor = base.vae_scale_factor
     height = height or unet.config.sample_size * factor

@@ -254,7 +254,7 @@ def openapi(app: FastAPI) -> dict:
 
 def create_app(config: ServeConfig | None = None, server: Server | None = None) -> FastAPI:
     """The FastAPI app (models loaded now). ``server`` lets tests share one loaded Server."""
-    config = config or ServeConfig()
+    config = config or (server.config if server is not None else ServeConfig())
     app = FastAPI(title="ctrlnet", version=__version__, docs_url=None, redoc_url=None,
                   description="ControlNet generation and condition detection over HTTP. Images are base64 "
                               "(or data URLs) in JSON, or files in multipart/form-data.")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..pipeline.text import encode_text
 from .data import ControlDataset, DataError, Record, image_to_tensor
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images decoded by ctrlnet.images (EXIF orientation, alpha on white, 16-bit scaled)
 
 
 def _hash_module(h, module) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import ImageError, read_image, to_rgb
+from ..images import ImageError, read_image, to_rgb, upright_size
 
 
 class DataError(ValueError):
@@ -174,8 +174,7 @@ class ControlDataset:
         img_size = None
         if isinstance(r.image, str):
             try:
-                with Image.open(r.image) as im:
-                    img_size = im.size[::-1]
+                img_size = upright_size(r.image)
             except OSError:
                 pass
         if img_size is not None and cond.shape[:2] != img_size:
