@@ -176,7 +176,9 @@ def test_burst_gets_200_or_503_and_the_server_stays_healthy(server, shapes_sampl
 def test_cli_names_a_missing_controlnet(capsys):
     from ctrlnet.cli import main
     assert main(["serve", "--controlnet", "mine=/no/such/net.safetensors"]) == 2
-    assert "--controlnet mine=/no/such/net.safetensors: no such file or folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--controlnet mine=/no/such/net.safetensors: /no/such/net.safetensors: no such ControlNet file" in err
+    assert "not a bundled name (nano-canny" in err  # names go through the one resolver
 
 
 def test_compiled_server_runs_every_generation_on_one_model_thread(shapes_sample):
