@@ -86,15 +86,19 @@ def test_single_file_checkpoint_equals_the_folder(tmp_path, tiny_bases, family):
         load_base(tmp_path / "broken.safetensors", config_dir=tiny_bases[family])
 
 
-def test_single_file_without_tokenizer_says_what_to_pass(tmp_path, tiny_bases):
+def test_single_file_tokenizer_that_does_not_fit_says_what_to_pass(tmp_path, tiny_bases):
+    """Without a tokenizer folder the shipped CLIP tokenizer is used; a text encoder with another
+    vocabulary (the tiny bases embed 514 byte tokens) is refused at load time, not at the first prompt."""
     import shutil
     cfg = tmp_path / "cfg"
     shutil.copytree(tiny_bases["sd15"], cfg)
     shutil.rmtree(cfg / "tokenizer")
     sd = sd15_single_file(load_base(tiny_bases["sd15"]))
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors")
-    with pytest.raises(BaseLoadError, match="tokenizer=DIR"):
+    with pytest.raises(BaseLoadError, match=r"49408 tokens but the text encoder embeds 514.*tokenizer=DIR"):
         load_base(tmp_path / "m.safetensors", config_dir=cfg)
+    with pytest.raises(BaseLoadError, match="no such tokenizer folder"):
+        load_base(tmp_path / "m.safetensors", config_dir=cfg, tokenizer=tmp_path / "nope")
     base = load_base(tmp_path / "m.safetensors", config_dir=cfg, tokenizer=tiny_bases["sd15"] / "tokenizer")
     assert len(base.tokenizer) == 514
 
