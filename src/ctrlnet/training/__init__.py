@@ -1,7 +1,7 @@
 """ControlNet training: config, data, caches, the accelerate loop, the monitor (checkpoints are
 ``formats.checkpoint``)."""
 
-from .config import TrainConfig, TrainingError, load_config
+from .config import ConfigError, TrainConfig, TrainingError, load_config
 from .trainer import train
 
-__all__ = ["TrainConfig", "TrainingError", "load_config", "train"]
+__all__ = ["ConfigError", "TrainConfig", "TrainingError", "load_config", "train"]

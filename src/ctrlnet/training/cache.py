@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from ..pipeline.text import encode_text
 from .data import ControlDataset, DataError, Record, image_to_tensor
 
-CACHE_VERSION = 2  # 2: images decoded by ctrlnet.images (EXIF orientation, alpha on white, 16-bit scaled)
+# 2: images decoded by ctrlnet.images (EXIF orientation, alpha on white, 16-bit scaled);
+# 3: 16-bit images scaled by 1/257 (their own range), no longer stretched to their maximum
+CACHE_VERSION = 3
 
 
 def _hash_module(h, module) -> None:

@@ -1,6 +1,12 @@
 """The training configuration: one dataclass, documented defaults, YAML or TOML files,
 ``--set key=value`` overrides. The resolved config is saved with every checkpoint.
 
+Every field is checked (``TrainConfig.validate``): a wrong type, a value out of range (NaN
+included) or a bad combination is a one-line ``ConfigError`` naming the key. On resume the
+checkpoint's config is compared with the given one (``resume_changes``): keys that only steer the
+run from there on are applied and listed, keys that fix what the saved state means (model, data
+and its order, random draws) are refused, so ``train_config.yaml`` always records what runs.
+
 Defaults follow the original ControlNet repository (its tutorial_train.py and cldm_v15.yaml): AdamW lr 1e-5,
 batch 4, fp32, no LR schedule, no EMA; plus the paper's 50% empty prompts, which the original
 code never implemented.
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +24,20 @@ from typing import Any
 
 import yaml
 
+from ..annotators import ANNOTATORS, get_annotator
 from ..configs import shipped_train_configs
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, bad resume folder); says what to do."""
+
+
+class ConfigError(ValueError):
+    """A bad config value (or a change refused on resume); one line naming the key."""
+
+
+def _bad(key: str, need: str, value: Any):
+    raise ConfigError(f"config: {key} must be {need}, got {value!r}")
 
 
 @dataclass
@@ -97,34 +113,59 @@ class TrainConfig:
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
     def validate(self) -> "TrainConfig":
-        if not self.base:
-            raise ValueError("config: 'base' is empty; set it to nano, a diffusers folder or a checkpoint file "
-                             "(--set base=PATH)")
-        if not self.data:
-            raise ValueError("config: 'data' is empty; set it to a data folder (--set data=DIR)")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"config: mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.lr_scheduler not in ("constant", "cosine"):
-            raise ValueError(f"config: lr_scheduler must be constant or cosine, got {self.lr_scheduler!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.timestep_sampling not in ("uniform", "cubic"):
-            raise ValueError(f"config: timestep_sampling must be uniform or cubic, got {self.timestep_sampling!r}")
-        if self.snr_gamma < 0:
-            raise ValueError(f"config: snr_gamma must be >= 0 (0 = off), got {self.snr_gamma}")
-        if self.timestep_sampling_from < 0:
-            raise ValueError(f"config: timestep_sampling_from must be >= 0, got {self.timestep_sampling_from}")
-        if not 0 <= self.proportion_empty_prompts <= 1:
-            raise ValueError(f"config: proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}")
+        """Check every field (types, then ranges, then combinations); the first bad one raises a
+        one-line ConfigError naming the key. Returns self, with ints given for floats made floats."""
+        types = _field_types()
+        for f in dataclasses.fields(self):  # a TrainConfig built in Python skips from_dict's coercion
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), types[f.name]))
+            if types[f.name] is float and not math.isfinite(getattr(self, f.name)):
+                _bad(f.name, "a finite number", getattr(self, f.name))
+        if not self.base.strip():
+            raise ConfigError("config: 'base' is empty; set it to nano, a diffusers folder or a checkpoint file "
+                              "(--set base=PATH)")
+        if not self.data.strip():
+            raise ConfigError("config: 'data' is empty; set it to a data folder (--set data=DIR)")
+        for name in ("output_dir", "image_column", "conditioning_image_column", "caption_column"):
+            if not getattr(self, name).strip():
+                _bad(name, "a non-empty string", getattr(self, name))
+        for name, choices in (("mixed_precision", ("no", "bf16", "fp16")), ("lr_scheduler", ("constant", "cosine")),
+                              ("timestep_sampling", ("uniform", "cubic"))):
+            if getattr(self, name) not in choices:
+                _bad(name, " or ".join(choices), getattr(self, name))
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
-                     "checkpointing_steps", "log_every", "validation_steps"):
+                     "conditioning_channels", "checkpointing_steps", "checkpoints_total_limit", "log_every",
+                     "validation_steps", "num_validation_samples", "validation_inference_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+                _bad(name, ">= 1", getattr(self, name))
+        for name in ("max_train_samples", "lr_warmup_steps", "timestep_sampling_from", "snr_gamma",
+                     "adam_weight_decay", "max_grad_norm", "max_train_minutes", "validation_guidance"):
+            if getattr(self, name) < 0:
+                _bad(name, ">= 0", getattr(self, name))
+        for name in ("learning_rate", "adam_epsilon"):
+            if getattr(self, name) <= 0:
+                _bad(name, "> 0", getattr(self, name))
+        for name in ("ema_decay", "adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _bad(name, "in [0, 1)", getattr(self, name))
+        for name in ("proportion_empty_prompts", "validation_guidance_rescale"):
+            if not 0 <= getattr(self, name) <= 1:
+                _bad(name, "in [0, 1]", getattr(self, name))
+        if not 0 <= self.seed < 2 ** 64:  # torch.manual_seed's range
+            _bad("seed", "in [0, 2**64)", self.seed)
+        if self.resolution % 8:  # the VAE's factor; the trainer also checks the base's own
+            _bad("resolution", "a multiple of 8", self.resolution)
+        if not self.hint_channels or not all(type(n) is int and n >= 1 for n in self.hint_channels):
+            _bad("hint_channels", "a list of positive integers, e.g. [16, 32, 96, 256]", self.hint_channels)
+        if self.annotator:
+            if self.annotator not in ANNOTATORS:
+                _bad("annotator", f"empty or one of {', '.join(sorted(ANNOTATORS))}", self.annotator)
+            try:
+                get_annotator(self.annotator, **self.annotator_params)  # binds the parameters: unknown ones fail
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"config: annotator_params: {e}") from None
         if self.cache and not self.center_crop:
-            raise ValueError("config: random crops (center_crop: false) need cache: false - the cache stores one "
-                             "crop per image")
-        if self.resolution % 8:
-            raise ValueError(f"config: resolution must be a multiple of 8, got {self.resolution}")
+            raise ConfigError("config: random crops (center_crop: false) need cache: false - the cache stores one "
+                              "crop per image")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,19 +185,20 @@ def _coerce(key: str, value: Any, kind) -> Any:
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"config: {key} expects true/false, got {value!r}")
+            raise ConfigError(f"config: {key} expects true/false, got {value!r}")
         if kind in (list, dict):
             try:
                 value = json.loads(text)
             except json.JSONDecodeError:
                 if kind is dict:
-                    raise ValueError(f"config: {key} expects a JSON object, e.g. {key}='{{\"low\": 100}}'") from None
-                value = [v.strip() for v in text.split(",") if v.strip()]
+                    raise ConfigError(f"config: {key} expects a JSON object, e.g. {key}='{{\"low\": 100}}'") from None
+                # a comma list (hint_channels=16,32,96,256): numbers become ints, validate() checks the rest
+                value = [int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip()]
         else:
             try:
                 return kind(text)
             except ValueError:
-                raise ValueError(f"config: {key} expects {kind.__name__}, got {value!r}") from None
+                raise ConfigError(f"config: {key} expects {kind.__name__}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
@@ -165,7 +207,7 @@ def _coerce(key: str, value: Any, kind) -> Any:
         value = list(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
-        raise ValueError(f"config: {key} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"config: {key} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -173,7 +215,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     types = _field_types()
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(types)}")
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(types)}")
     return TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
 
 
@@ -203,7 +245,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     else:
         for item in overrides or []:
             if "=" not in item:
-                raise ValueError(f"--set expects key=value, got {item!r}")
+                raise ConfigError(f"--set expects key=value, got {item!r}")
             key, value = item.split("=", 1)
             values[key.strip()] = value
     return from_dict(values, source).validate()
@@ -224,3 +266,79 @@ def resolve_config_path(name_or_path: str) -> Path:
         return shipped[name_or_path]
     raise FileNotFoundError(f"config {name_or_path!r}: no such file, and not a shipped config "
                             f"(shipped: {', '.join(shipped) or 'none'})")
+
+
+# On resume, the checkpoint's config and the given one (file + --set) may differ. These keys fix
+# what the saved state means: the model, the data and the order it is drawn in, the random draws of
+# step s. A change would not continue the run but silently start a different one (and break the
+# exact-resume guarantee), so it is refused, naming the key and why.
+FIXED_ON_RESUME = {
+    "base": "the ControlNet was trained against this base",
+    "controlnet": "it only sets a new run's starting weights; a resumed run's come from the checkpoint",
+    "conditioning_channels": "it is the architecture of the checkpoint's ControlNet",
+    "hint_channels": "it is the architecture of the checkpoint's ControlNet",
+    "data": "the samples of step s are positions in a permutation of these records",
+    "max_train_samples": "the samples of step s are positions in a permutation of these records",
+    "image_column": "it selects the images the run trains on",
+    "conditioning_image_column": "it selects the condition the ControlNet is learning",
+    "caption_column": "it selects the captions the run trains on",
+    "annotator": "it makes the condition the ControlNet is learning",
+    "annotator_params": "it makes the condition the ControlNet is learning",
+    "resolution": "it sets the training images' geometry, which the latent cache holds",
+    "center_crop": "it sets the training images' geometry, which the latent cache holds",
+    "random_flip": "it sets the training images' geometry, which the latent cache holds",
+    "train_batch_size": "the samples of step s are positions s*batch... of the data order: a change repeats or "
+                        "skips samples",
+    "gradient_accumulation_steps": "the samples of step s are positions s*batch... of the data order: a change "
+                                   "repeats or skips samples",
+    "seed": "the data order and every random draw of step s come from (seed, s)",
+}
+# The rest only steer the run from the checkpoint on, and are applied (and logged): the optimizer's
+# hyper-parameters and LR schedule (re-applied over those the optimizer state restores), the
+# procedure's later draws, when to stop / checkpoint / log / validate, speed, memory, where to write.
+APPLIED_ON_RESUME = frozenset({
+    "learning_rate", "lr_warmup_steps", "lr_scheduler", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "ema_decay", "proportion_empty_prompts", "timestep_sampling",
+    "timestep_sampling_from", "snr_gamma", "skip_bad", "max_train_steps", "max_train_minutes",
+    "checkpointing_steps", "checkpoints_total_limit", "log_every", "validation_data", "validation_steps",
+    "num_validation_samples", "validation_inference_steps", "validation_guidance", "validation_guidance_rescale",
+    "tensorboard", "mixed_precision", "gradient_checkpointing", "cpu", "cache", "cache_dir", "retain_cpu_memory",
+    "output_dir",
+})
+
+
+def _shown(value: Any) -> str:
+    """A value as it would be typed after --set key=."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig, step: int) -> list[str]:
+    """Compare a checkpoint's config (``saved``, at optimizer step ``step``) with the one given for
+    the resumed run: ``"key old -> new"`` for each change that is applied; one ConfigError line
+    naming every refused key and why. A key the checkpoint lacks (written before it existed) is
+    compared with its default, the value that run used."""
+    types = _field_types()
+    applied, refused = [], []
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        old = saved.get(name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        try:
+            old = _coerce(name, old, types[name])  # JSON gives lists for tuples, ints for whole floats
+        except ConfigError:
+            pass
+        new = getattr(config, name)
+        if old == new:
+            continue
+        change = f"{name} {_shown(old)} -> {_shown(new)}"
+        if name in FIXED_ON_RESUME:
+            refused.append(f"{change} ({FIXED_ON_RESUME[name]})")
+        elif name == "ema_decay" and not old:
+            refused.append(f"{change} (the checkpoint has no EMA weights to continue)")
+        elif name == "max_train_steps" and new < step:
+            refused.append(f"{change} (the checkpoint is already at step {step})")
+        else:
+            applied.append(change)
+    if refused:
+        raise ConfigError(f"resume: cannot change on resume: {'; '.join(refused)}. Resume with the checkpoint's "
+                          "values (--set key=old), or train a new run into another output_dir")
+    return applied

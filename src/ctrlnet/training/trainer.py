@@ -9,8 +9,14 @@
   generators seeded by (seed, s) and are drawn for the whole global batch, each process taking
   its slice. So a resumed run continues bit-identically, and N processes with batch B train the
   same weights as one process with batch N*B (up to float summation order).
-- Checkpoints every ``checkpointing_steps``: atomic folders, the last K kept; ``--resume latest``.
+- Checkpoints every ``checkpointing_steps``: atomic, checksummed folders, the last K kept, each
+  written only when every tensor in it (weights, EMA, AdamW moments) is finite.
+- ``--resume latest`` continues from the newest checkpoint that verifies against its checksums,
+  naming (and setting aside) damaged newer ones. The checkpoint's config is compared with the given
+  one first: changes that only steer the run on are applied and logged, the rest refused
+  (``config.resume_changes``), before the base or the data load.
 - A non-finite loss stops the run before the optimizer step, leaving the last good checkpoint.
+- ``skip_bad`` counts distinct unreadable samples: one found bad is skipped from then on.
 """
 
 from __future__ import annotations
@@ -34,15 +40,16 @@ from tqdm.auto import tqdm
 from ..allocator import retain_freed_memory
 from ..annotators import get_annotator
 from ..base import load_base
-from ..formats.checkpoint import (flat, latest_checkpoint, load_optimizer, optimizer_tensors, read_checkpoint,
-                                  rng_state, set_rng_state, unflat, write_checkpoint)
+from ..formats.checkpoint import (MANIFEST, flat, latest_checkpoint, load_optimizer, newest_good_checkpoint,
+                                  optimizer_tensors, read_checkpoint, rng_state, set_aside, set_rng_state, unflat,
+                                  verify_checkpoint, write_checkpoint)
 from ..formats.controlnet_io import load_controlnet, save_controlnet
 from ..formats.safe_load import CheckpointError
 from ..models.control import controlled_unet_forward, lock
 from ..models.controlnet import ControlNet
 from ..pipeline.text import encode_text, sdxl_time_ids
 from .cache import open_or_build_cache
-from .config import TrainConfig, TrainingError, save_config
+from .config import ConfigError, TrainConfig, TrainingError, resume_changes, save_config
 from .data import ControlDataset, DataError, condition_to_tensor, image_to_tensor, read_records
 from .monitor import Monitor
 
@@ -71,8 +78,9 @@ def has_accelerator() -> bool:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, progress: bool = True, base=None):
-        """``base``: an already loaded ``LockedBase`` to use instead of loading ``config.base``."""
+    def __init__(self, config: TrainConfig, progress: bool = True, base=None, resume: str | None = None):
+        """``base``: an already loaded ``LockedBase`` to use instead of loading ``config.base``;
+        ``resume``: ``latest`` or a checkpoint folder, checked here before anything heavy loads."""
         self.started = time.time()  # the wall-time budget counts loading and caching too
         self.config = c = config.validate()
         # cpu=True when there is no accelerator: accelerate then runs several processes (torchrun /
@@ -83,6 +91,9 @@ class Trainer:
         self.progress = progress and self.acc.is_main_process
         self.out = Path(c.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.resume_from, self.resume_verified = None, False
+        if resume:
+            self._resolve_resume(resume)
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c.mixed_precision]
         torch.manual_seed(c.seed)
 
@@ -94,6 +105,9 @@ class Trainer:
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.vae_scale = base.vae.config.scaling_factor
         self.vae_shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+        if c.resolution % base.vae_scale_factor:
+            raise ConfigError(f"config: resolution must be a multiple of {base.vae_scale_factor} (this base's VAE "
+                              f"factor), got {c.resolution}")
         if c.gradient_checkpointing and hasattr(base.unet, "enable_gradient_checkpointing"):
             base.unet.enable_gradient_checkpointing()  # activations of the locked UNet are needed for the residuals' grads
 
@@ -126,14 +140,15 @@ class Trainer:
             annotator = get_annotator(c.annotator, **c.annotator_params)
         self.dataset = ControlDataset(records, c.resolution, c.center_crop, annotator)
         self.cache = None
-        self.skipped = 0
+        # Dataset indices found unreadable: a set, so a bad sample met in every epoch counts once.
+        self.bad: set[int] = set()
         if c.cache:
             cache_root = Path(c.cache_dir) if c.cache_dir else self.out / "cache"
             self.cache = open_or_build_cache(base, self.dataset, cache_root, c.random_flip, c.skip_bad,
                                              is_main=self.acc.is_main_process, wait=self.acc.wait_for_everyone,
                                              log=self.log_line)
             self.valid = torch.from_numpy(np.array(self.cache.valid))
-            self.skipped = self.cache.info.get("skipped_bad", 0)
+            self.bad = set(range(len(self.dataset))) - set(self.valid.tolist())
             if self.skipped:
                 self.log_line(f"skipped {self.skipped} unreadable samples (skip_bad), e.g. "
                               f"{self.cache.info['bad_examples'][:3]}")
@@ -148,6 +163,11 @@ class Trainer:
         self.elapsed_before = 0.0  # wall time of the run before this process (resumed runs)
 
     # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def skipped(self) -> int:
+        """Distinct samples skipped as unreadable (skip_bad)."""
+        return len(self.bad)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -188,15 +208,18 @@ class Trainer:
         n = len(self.dataset)
         for attempt in range(n):
             j = (i + attempt) % n
-            if j not in self.valid_set:  # its image could not be read when the cache was built
+            if j not in self.valid_set or j in self.bad:  # unreadable when the cache was built, or since
                 continue
             try:
                 image = self.dataset.image(j, flip, u) if need_image or self.dataset.annotator else None
                 return j, image, self.dataset.condition(j, flip, u, image=image)
-            except DataError:
+            except DataError as e:
                 if not self.config.skip_bad:
                     raise
-                self.skipped += 1
+                # Not tried again: it would fail again, and the replacement (the next readable
+                # index) is the same either way, so the draws stay exact across resumes.
+                self.bad.add(j)
+                self.log_line(f"skip_bad: skipping {self.dataset.records[j].where} from now on: {e}")
         raise DataError(f"data {self.config.data}: no readable samples")
 
     def batch(self, micro: int) -> dict:
@@ -285,30 +308,65 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
+        c = self.config
+        net = self.acc.unwrap_model(self.net)
+        opt_t, opt_s = optimizer_tensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                         else self.optimizer, "optimizer")
+        tensors = {**flat("controlnet", net.state_dict()), **opt_t}
+        if self.ema is not None:
+            tensors.update(flat("ema", self.ema.state_dict()))
+        # Only finite state is written, so the last checkpoint on disk is always one to resume from.
+        # Every process checks (their tensors are identical) and all stop together, none left
+        # waiting at the barrier below.
+        nonfinite = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if nonfinite:
+            raise TrainingError(f"non-finite values at step {self.step} in {len(nonfinite)} tensor(s), e.g. "
+                                f"{nonfinite[:3]}; checkpoint not written. Last good checkpoint: "
+                                f"{latest_checkpoint(self.ckpt_root) or 'none'}. Lower learning_rate (applied on "
+                                "resume), or use mixed_precision: bf16/no instead of fp16, then --resume latest")
         path = None
         if self.acc.is_main_process:
-            c = self.config
-            net = self.acc.unwrap_model(self.net)
-            bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise TrainingError(f"non-finite ControlNet weights at step {self.step} ({bad[:3]}); not saved. Last "
-                                    f"good checkpoint: {latest_checkpoint(self.ckpt_root) or 'none'}")
-            opt_t, opt_s = optimizer_tensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
-                                             else self.optimizer, "optimizer")
             state = {"step": self.step, "elapsed": self.elapsed(), "optimizer": opt_s, "lr_scheduler": self.lr_scheduler.state_dict(),
                      "rng": rng_state(), "config": c.to_dict(), "controlnet_config": net.config.to_dict(),
-                     "skipped_bad": self.skipped}
-            tensors = {**flat("controlnet", net.state_dict()), **opt_t}
-            if self.ema is not None:
-                tensors.update(flat("ema", self.ema.state_dict()))
+                     "skipped_bad": self.skipped, "bad_samples": sorted(self.bad)}
             path = write_checkpoint(self.ckpt_root, self.step, tensors, state, keep=c.checkpoints_total_limit)
         self.acc.wait_for_everyone()
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
-        if not (path / "state.json").is_file():
-            raise TrainingError(f"resume: {path} is not a complete checkpoint (no state.json)")
-        tensors, state = read_checkpoint(path)
+    def _resolve_resume(self, resume: str) -> None:
+        """The checkpoint to continue from, verified against its checksums, and the config changes
+        it allows (refused ones raise here, before the base and the data load). ``latest``: the
+        newest folder that verifies; damaged newer ones are named and set aside. A folder given
+        explicitly must verify itself."""
+        if resume == "latest":
+            path, verified, bad = newest_good_checkpoint(self.ckpt_root)
+            if path is None and bad:
+                raise TrainingError(f"resume latest: no checkpoint in {self.ckpt_root} verifies "
+                                    f"({'; '.join(why for _, why in bad)}); move them away to start from step 0")
+            self.acc.wait_for_everyone()  # every process has chosen before the damaged folders move
+            for folder, why in bad:
+                aside = set_aside(folder) if self.acc.is_main_process else folder
+                self.log_line(f"resume latest: {why}; resuming from {path.name} instead ({folder.name} set aside "
+                              f"as {aside.name})")
+            if path is None:
+                self.log_line(f"resume latest: no checkpoint in {self.ckpt_root} yet, starting from step 0")
+                return
+        else:
+            path = Path(resume)
+            if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
+                raise TrainingError(f"resume: {path} is not a checkpoint folder (no state.json); give a "
+                                    "checkpoints/step-N folder, or latest")
+            try:
+                verified = verify_checkpoint(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"resume: {e}") from None
+        state = json.loads((path / "state.json").read_text())
+        for change in resume_changes(state.get("config", {}), self.config, state["step"]):
+            self.log_line(f"applied on resume: {change}")
+        self.resume_from, self.resume_verified = path, verified
+
+    def load_checkpoint(self, path: Path, verify: bool = True) -> None:
+        tensors, state = read_checkpoint(path, verify=verify)
         net = self.net_raw
         missing = net.load_state_dict(unflat("controlnet", tensors), strict=False)
         if missing.missing_keys or missing.unexpected_keys:
@@ -322,22 +380,35 @@ class Trainer:
             self.ema.load_state_dict(ema)
         load_optimizer(self.optimizer, "optimizer", tensors, state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.apply_optimizer_config()
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.elapsed_before = state.get("elapsed", 0.0)
-        self.skipped = state.get("skipped_bad", self.skipped)
+        self.bad |= set(state.get("bad_samples", []))
+
+    def apply_optimizer_config(self) -> None:
+        """The config's optimizer settings over those the optimizer state restored: the config is
+        what train_config.yaml records, and it may have changed them on resume. Unchanged, this
+        recomputes the same floats (LambdaLR's own base_lr * factor(step)): resume stays exact."""
+        c, sched = self.config, self.lr_scheduler
+        sched.base_lrs = [c.learning_rate for _ in sched.base_lrs]
+        factor = lr_factor(c)(sched.last_epoch)  # the schedule may have changed too (warmup, cosine, steps)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=c.learning_rate, lr=c.learning_rate * factor, betas=(c.adam_beta1, c.adam_beta2),
+                         weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ the loop
 
     def train(self, resume: str | None = None) -> Path:
+        """``resume``: as the constructor's (there, a refused config change stops before loading)."""
         c, acc = self.config, self.acc
-        if resume:
-            path = latest_checkpoint(self.ckpt_root) if resume == "latest" else Path(resume)
-            if path is None:
-                self.log_line(f"resume latest: no checkpoint in {self.ckpt_root} yet, starting from step 0")
-            else:
-                self.load_checkpoint(path)
-                self.log_line(f"resumed from {path} at step {self.step}")
+        if resume and self.resume_from is None:
+            self._resolve_resume(resume)
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from, verify=False)  # verified when resolved
+            note = "" if self.resume_verified else " (unverified: written before checkpoints had checksums)"
+            self.log_line(f"resumed from {self.resume_from} at step {self.step}{note}")
         self.net, self.optimizer = acc.prepare(self.net_raw, self.optimizer)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -368,8 +439,8 @@ class Trainer:
             if not math.isfinite(mean_loss):
                 last = latest_checkpoint(self.ckpt_root)
                 raise TrainingError(f"loss is {mean_loss} at step {self.step + 1}; stopped before the optimizer "
-                                    f"step. Last good checkpoint: {last or 'none'}. Lower learning_rate, or use "
-                                    "mixed_precision: bf16/no instead of fp16, then --resume latest")
+                                    f"step. Last good checkpoint: {last or 'none'}. Lower learning_rate (applied "
+                                    "on resume), or use mixed_precision: bf16/no instead of fp16, then --resume latest")
             if c.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.net.parameters(), c.max_grad_norm)
             self.optimizer.step()
@@ -442,4 +513,4 @@ class Trainer:
 
 def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
     """Train a ControlNet as ``config`` says; returns the final diffusers-format folder."""
-    return Trainer(config, progress=progress).train(resume=resume)
+    return Trainer(config, progress=progress, resume=resume).train()
