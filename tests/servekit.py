@@ -92,17 +92,37 @@ def asgi_scope(app, method: str, path: str, body: bytes, headers: dict | None) -
 
 
 def make_request(app, body: bytes = b"", headers: dict | None = None, path: str = "/"):
-    """A starlette Request carrying ``app`` and ``body``, to call a route handler with directly."""
+    """A starlette Request carrying ``app`` and ``body``, to call a route handler with directly. Its
+    client stays connected: after the body, receive() waits (for a disconnect that never comes)."""
     from starlette.requests import Request
+    sent = False
 
     async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
     return Request(asgi_scope(app, "POST", path, body, headers), receive)
 
 
-async def asgi_call(app, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+class Hangup:
+    """A client that hangs up on demand (``asgi_call(..., hangup=)``): after ``set()`` the app's next
+    read gets ``http.disconnect``; ``delivered`` tells that the app has read it."""
+
+    def __init__(self):
+        self.event = asyncio.Event()
+        self.delivered = False
+
+    def set(self):
+        self.event.set()
+
+
+async def asgi_call(app, method: str, path: str, body: bytes = b"", headers: dict | None = None,
+                    hangup: Hangup | None = None):
     """One request through the whole ASGI app (middleware, routing, exception handlers), in this
-    event loop: (status, {header: value}, body bytes)."""
+    event loop: (status, {header: value}, body bytes). The client stays connected until the
+    response is complete, or until ``hangup`` is set."""
     done = asyncio.Event()
     sent = False
 
@@ -111,7 +131,11 @@ async def asgi_call(app, method: str, path: str, body: bytes = b"", headers: dic
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()  # the client stays connected until the response is complete
+        if hangup is not None:
+            await hangup.event.wait()
+            hangup.delivered = True
+        else:
+            await done.wait()
         return {"type": "http.disconnect"}
     start, chunks = {}, []
 
@@ -141,6 +165,18 @@ def png(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def sideways_jpeg(upright: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """(a JPEG of ``upright`` stored turned 90 degrees anticlockwise with EXIF orientation 6 - "turn
+    90 degrees clockwise to view", as phone portraits are -, the stored pixels as any decoder that
+    ignores the tag gives them, turned upright)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(buf, format="JPEG", quality=95, exif=exif)
+    stored = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # PIL does not apply the tag
+    return buf.getvalue(), np.ascontiguousarray(np.rot90(stored, -1))
 
 
 def b64png(a: np.ndarray) -> str:

@@ -108,3 +108,14 @@ def test_generate_errors_are_one_line(tmp_path):
         assert words in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
     r = run("generate", "--prompt", "a red circle " * 20, "--steps", "1", "--out", str(tmp_path / "long.png"))
     assert r.returncode == 0 and "warning: prompt has" in r.stderr, r.stderr
+
+
+def test_inspect_takes_bundled_names_and_names_a_base_model():
+    from ctrlnet.testbed import NANO_SD
+    r = run("inspect", "nano-canny")  # a bundled name, as convert and --control take it
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["format"] == "diffusers"
+    r = run("inspect", str(NANO_SD))  # the bundled base's diffusers folder: a base, not a ControlNet
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{NANO_SD}: a base model folder" in r.stderr and "not a ControlNet" in r.stderr, r.stderr
+    assert r.stderr.count(str(NANO_SD)) == 1 and len(r.stderr.strip().splitlines()) == 1

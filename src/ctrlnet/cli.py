@@ -1,13 +1,21 @@
-"""The ``ctrlnet`` command: a thin layer that parses arguments and calls the Python API."""
+"""The ``ctrlnet`` command: a thin layer that parses arguments and calls the Python API.
+
+Errors are one line (``ctrlnet generate: error: ...``, exit code 2), argparse's included; numbers
+are checked against ``pipeline.ranges`` as they are parsed, the same table the Python API and the
+server check."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
+
+from PIL import Image
 
 from .allocator import retain_freed_memory
 from .annotators.batch import annotate
@@ -15,8 +23,9 @@ from .eval.report import evaluate
 from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_controlnet
 from .images import save_png
 from .names import controlnet_path
-from .pipeline import Control, Pipeline, PromptTruncatedWarning, Region
+from .pipeline import Control, Pipeline, Region
 from .pipeline.controlled import DTYPES, grid
+from .pipeline.ranges import RANGES, Range
 from .pipeline.schedulers import SCHEDULERS
 from .serve import ServeConfig, serve
 from .testbed.shapes import generate
@@ -50,19 +59,49 @@ def cmd_train(args) -> None:
 
 
 CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize"}
+CONTROL_SYNTAX = ("KEY=VALUE pairs separated by commas; a value holding commas goes in double or single quotes "
+                  """(--control 'model=nano-canny,image="a,b.png"')""")
+
+
+def split_control(spec: str) -> list[tuple[str, str]]:
+    """``k=v,k2="v, 2"`` -> [(k, v), (k2, "v, 2")]. A value that starts with a quote runs to the
+    same quote and keeps its commas and spaces; quotes elsewhere are plain characters (a path
+    such as ``bob's.png`` needs none)."""
+    pairs, i = [], 0
+    while i <= len(spec):
+        comma = spec.find(",", i)
+        part = spec[i:comma if comma >= 0 else len(spec)]
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--control {spec!r}: {part!r} is not key=value ({CONTROL_SYNTAX})")
+        start = i + len(key) + 1 + (len(value) - len(value.lstrip()))  # where the value begins in spec
+        quote = spec[start:start + 1]
+        if quote in ("'", '"'):
+            end = spec.find(quote, start + 1)
+            if end < 0:
+                raise ValueError(f"--control {spec!r}: the quote {quote} after {key.strip()}= is never closed")
+            rest = spec[end + 1:].lstrip()
+            if rest and not rest.startswith(","):
+                raise ValueError(f"--control {spec!r}: {rest!r} follows the quoted value of {key.strip()}")
+            pairs.append((key.strip(), spec[start + 1:end]))
+            comma = spec.find(",", end + 1)
+        else:
+            pairs.append((key.strip(), value.strip()))
+        if comma < 0:
+            break
+        i = comma + 1
+    return pairs
 
 
 def parse_control(spec: str, keys: set[str] = CONTROL_KEYS, aliases: dict[str, str] | None = None) -> Control:
     """``model=M,image=P[,annotator=A][,scale=S][,start=A][,end=B][,mode=M][,resize=R]`` -> Control.
     Annotator parameters go as ``annotator.low=50``. A scale of several values: ``scale=0.5/1/...``.
+    A value with commas in quotes: ``image="a,b.png"`` (``split_control``).
     ``aliases``: other key names for a field (eval's ``condition=COLUMN`` is its image)."""
     aliases = aliases or {}
     keys = keys | set(aliases)
     fields, params = {}, {}
-    for part in spec.split(","):
-        if "=" not in part:
-            raise ValueError(f"--control {spec!r}: {part!r} is not key=value")
-        key, value = (x.strip() for x in part.split("=", 1))
+    for key, value in split_control(spec):
         if key.startswith("annotator."):
             params.update(parse_params([f"{key.split('.', 1)[1]}={value}"]))
         elif key in keys:
@@ -81,35 +120,88 @@ def parse_control(spec: str, keys: set[str] = CONTROL_KEYS, aliases: dict[str, s
         raise ValueError(f"--control {spec!r}: {e}") from None
 
 
+PACKAGE = Path(__file__).resolve().parent  # the ctrlnet package
+
+
+def is_ours(w: warnings.WarningMessage) -> bool:
+    """A warning of ctrlnet's (fp16 / emulated bf16 on this CPU, a truncated prompt, ...), as opposed
+    to third-party chatter (diffusers / transformers deprecations), which the CLI leaves out."""
+    if not issubclass(w.category, UserWarning):  # DeprecationWarning, FutureWarning: library chatter
+        return False
+    return w.category.__module__.startswith("ctrlnet") or Path(w.filename).resolve().is_relative_to(PACKAGE)
+
+
+@contextlib.contextmanager
+def shown_warnings(command: str):
+    """Print ctrlnet's own warnings raised inside as one line each, once, also when an error follows."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught if is_ours(w)):
+                print(f"ctrlnet {command}: warning: {one_line(message)}", file=sys.stderr)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic")  # refused rather than made folders
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+
+
+def output_paths(out: Path, n: int) -> tuple[list[Path], Path]:
+    """(paths of ``n`` images, path of the grid) for ``--out``: a file name with an image suffix
+    (``x.jpg``; several images ``x-000.jpg``, ``x-001.jpg``, ...; grid ``x-grid.jpg``), or else a
+    folder (``000.png``, ..., ``grid.png``)."""
+    suffix = out.suffix.lower()
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        raise ValueError(f"--out {out}: {suffix} is not a supported format; use {', '.join(IMAGE_FORMATS)} "
+                         "or a folder")
+    if suffix not in IMAGE_FORMATS:
+        return [out / f"{i:03d}.png" for i in range(n)], out / "grid.png"
+    if n == 1:
+        return [out], out.with_name(f"{out.stem}-grid{out.suffix}")
+    return [out.with_name(f"{out.stem}-{i:03d}{out.suffix}") for i in range(n)], \
+        out.with_name(f"{out.stem}-grid{out.suffix}")
+
+
+def save_image(image: Image.Image, path: Path, parameters: str) -> Path:
+    """``image`` in the format of ``path``'s suffix, with the generation parameters where A1111 puts
+    them: a PNG "parameters" text chunk; for JPEG / WebP the EXIF UserComment, encoded as A1111
+    (piexif) writes it: "UNICODE\\0" + UTF-16 big-endian. (Its home would be ``ctrlnet.images``.)"""
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
+    if fmt == "PNG":
+        return save_png(image, path, parameters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    image.save(path, format=fmt, quality=95, exif=exif)
+    return path
+
+
 def cmd_generate(args) -> None:
     controls = [parse_control(s) for s in args.control]
     for c in controls:
         c.check()
     regions = [parse_region(r) for r in args.region]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # library chatter; our own warnings are printed below
+    out_paths, grid_path = output_paths(Path(args.out), args.num_images)  # a bad --out fails before any work
+    with shown_warnings("generate"):  # printed before the generation starts (it may be slow, as they say)
         pipe = Pipeline.from_pretrained(args.base, controlnets=[c.model for c in controls], dtype=args.dtype,
                                         packed_weights=False if args.no_packed_weights else None,
                                         compile=args.compile)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with shown_warnings("generate"):
         result = pipe(args.prompt, controls=controls, negative_prompt=args.negative_prompt, steps=args.steps,
                       guidance=args.guidance, guidance_rescale=args.guidance_rescale, seed=args.seed,
                       num_images=args.num_images, width=args.width, height=args.height, scheduler=args.scheduler,
                       init_image=args.init_image, strength=args.strength, mask=args.mask, progress=True,
                       regions=regions)
-    for w in caught:
-        if issubclass(w.category, PromptTruncatedWarning):
-            print(f"ctrlnet generate: warning: {w.message}", file=sys.stderr)
-    out = Path(args.out)
-    paths = []
-    for i, (image, params) in enumerate(zip(result.images, result.parameters)):
-        path = out if out.suffix == ".png" and len(result.images) == 1 else \
-            (out.with_suffix("") if out.suffix == ".png" else out) / f"{i:03d}.png"
-        paths.append(save_png(image, path, params))
+    paths = [save_image(image, path, params) for image, path, params in
+             zip(result.images, out_paths, result.parameters)]
     if args.grid:
-        folder = paths[0].parent
-        paths.append(grid(result, folder / "grid.png"))
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        paths.append(grid(result, grid_path))
+    if args.seed == -1:
+        print(f"ctrlnet generate: seed -1 drew {result.seeds[0]} (image i: seed + i; in each image's parameters)",
+              file=sys.stderr)
     print("\n".join(str(p) for p in paths))
 
 
@@ -119,7 +211,7 @@ def parse_region(text: str):
     if not sep or not mask or not prompt.strip():
         raise ValueError(f"--region {text!r}: expected MASK.png=PROMPT, e.g. --region left.png='a red circle'")
     if not Path(mask).is_file():
-        raise ValueError(f"--region {text!r}: mask file {mask} not found")
+        raise ValueError(f"--region {text!r}: no such mask file")  # the spec names the file
     return Region(prompt.strip(), mask)
 
 
@@ -169,16 +261,42 @@ def cmd_serve(args) -> None:
             name, path = Path(spec).stem if Path(spec).suffix else Path(spec).name, spec
         try:
             nets[name] = str(controlnet_path(path))  # a path, or a bundled name
-        except ValueError as e:
-            raise ValueError(f"--controlnet {spec}: {e}") from None
+        except ValueError as e:  # its message starts with the path; say it once
+            raise ValueError(f"--controlnet {spec}: {str(e).removeprefix(f'{path}: ')}") from None
     serve(ServeConfig(host=args.host, port=args.port, base=args.base, controlnets=nets, dtype=args.dtype,
                       queue=args.queue, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                       max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
                       compile=args.compile))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``ctrlnet generate: error: argument --steps: 0 is not an
+    integer in [1, 1000]``, exit code 2) instead of the usage block; subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def in_range(r: Range | str):
+    """An argparse type: the text as an int or float within ``r`` (a ``RANGES`` name, or a Range)."""
+    r = RANGES[r] if isinstance(r, str) else r
+
+    def parse(text: str):
+        try:
+            value = int(text) if r.integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if r.integer else 'a number'}") from None
+        if not r.contains(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {r.describe()}")
+        return value
+    return parse
+
+
+COUNT = Range(1, 2 ** 31 - 1, integer=True)  # --n, --workers, ...: at least 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctrlnet", description=__doc__)
+    parser = Parser(prog="ctrlnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a ControlNet between formats (any input format is detected)")
@@ -189,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="print what a ControlNet checkpoint holds, as JSON")
-    p.add_argument("path")
+    p.add_argument("path", help="a ControlNet file or folder, a bundled name (nano-canny) or a training checkpoint")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="train a ControlNet on a locked base (single process, or under accelerate launch)")
@@ -205,16 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="nano", help="nano (bundled), a diffusers folder or a single-file checkpoint")
     p.add_argument("--control", action="append", default=[], metavar="model=M,image=P[,annotator=A][,scale=S]"
                    "[,start=A][,end=B][,mode=balanced|prompt|control][,resize=crop_and_resize|just_resize|"
-                   "resize_and_fill]", help="a control unit (repeatable: several ControlNets, residuals summed)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 2.5 for zero-SNR bases, else 7.5)")
-    p.add_argument("--guidance-rescale", type=float, default=None,
-                   help="guidance rescale (default: 0.7 for zero-SNR bases such as nano, else 0)")
+                   "resize_and_fill]", help="a control unit (repeatable: several ControlNets, residuals summed): "
+                   f"{CONTROL_SYNTAX}; scale {RANGES['scale'].describe()} (or one per residual, separated by /), "
+                   "start/end fractions of the steps in [0, 1]")
+    p.add_argument("--steps", type=in_range("steps"), default=20, help=RANGES["steps"].describe())
+    p.add_argument("--guidance", type=in_range("guidance"), default=None,
+                   help=f"CFG scale, {RANGES['guidance'].describe()}; <= 1 turns CFG off (default: 2.5 for zero-SNR "
+                        "bases, else 7.5)")
+    p.add_argument("--guidance-rescale", type=in_range("guidance_rescale"), default=None,
+                   help="guidance rescale in [0, 1] (default: 0.7 for zero-SNR bases such as nano, else 0)")
     p.add_argument("--scheduler", default="ddim", help=", ".join(SCHEDULERS))
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--seed", type=in_range("seed"), default=0,
+                   help="image i uses seed + i; -1: a random seed, printed and written into each image's parameters")
+    p.add_argument("--num-images", type=in_range("num_images"), default=1, help=RANGES["num_images"].describe())
+    p.add_argument("--width", type=in_range("width"), default=None,
+                   help="rounded to the model's size multiple (default: from the first condition image's aspect, "
+                        f"short side at the model's native size, at most {RANGES['width'].hi} px per side)")
+    p.add_argument("--height", type=in_range("height"), default=None, help="as --width")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--no-packed-weights", action="store_true",
                    help="CPU fp32: PyTorch's plain convolution kernels instead of weights packed for the "
@@ -223,12 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the UNet and ControlNets through torch.compile (on a GPU with CUDA graphs); the "
                         "first step compiles for minutes, so it pays off over many images (see README)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
-    p.add_argument("--strength", type=float, default=1.0, help="img2img: how much of the init image to redo")
+    p.add_argument("--strength", type=in_range("strength"), default=1.0,
+                   help="img2img: the fraction of the steps that redo the init image, in (0, 1]")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
     p.add_argument("--region", action="append", default=[], metavar="MASK=PROMPT",
                    help="regional prompt: inside MASK (white) this prompt replaces the main one (repeatable)")
-    p.add_argument("--grid", action="store_true", help="also write grid.png: conditions and results")
-    p.add_argument("--out", default="outputs/generate", help="a folder, or a .png file for one image")
+    p.add_argument("--grid", action="store_true", help="also write a grid of conditions and results: grid.png in "
+                   "the folder, or x-grid.png next to --out x.png")
+    p.add_argument("--out", default="outputs/generate",
+                   help="a folder (000.png, 001.png, ...), or a file x.png / x.jpg / x.jpeg / x.webp: the format "
+                        "follows the suffix, several images are x-000.png, x-001.png, ...; the parameters are in a "
+                        "PNG text chunk or the JPEG / WebP EXIF UserComment")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("annotate", help="condition maps from images (files or folders), in parallel")
@@ -238,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotator parameter, also detect_resolution / image_resolution (repeatable)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=in_range(COUNT), default=os.cpu_count() or 1)
     p.add_argument("--dataset", default="", choices=["", "fill50k", "imagefolder"],
                    help="also write a training set: prompt.json (fill50k) or metadata.jsonl (imagefolder)")
     p.add_argument("--captions", default=None, help="CSV (file_name,text) or JSONL captions; default: .txt sidecars")
@@ -251,11 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ControlNet to evaluate, with generate's --control keys but image= (the condition "
                         "comes from the data; repeat: nets act together; a glob over checkpoints: a curve)")
     p.add_argument("--data", required=True, help="fill50k folder/prompt file, metadata.jsonl, or ShapesWorld folder")
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--seeds", type=int, default=1, help="images per sample")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--guidance-rescale", type=float, default=None)
+    p.add_argument("--n", type=in_range(COUNT), default=200)
+    p.add_argument("--seeds", type=in_range("num_images"), default=1, help="images per sample")
+    p.add_argument("--steps", type=in_range("steps"), default=20)
+    p.add_argument("--guidance", type=in_range("guidance"), default=None)
+    p.add_argument("--guidance-rescale", type=in_range("guidance_rescale"), default=None)
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--no-baseline", action="store_true", help="skip the same prompts without control")
@@ -271,17 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a local web UI and JSON API (OpenAPI at /openapi.json) over generate/annotators")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=in_range(Range(0, 65535, integer=True)), default=7860, help="0: any free port")
     p.add_argument("--base", default="nano", help="base model: nano, a diffusers folder or a single file")
     p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
                    help="a ControlNet file/folder to offer (repeatable); with base nano the bundled nets are offered too")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--queue", type=int, default=4, help="requests that may wait for the model; more get 503")
-    p.add_argument("--max-upload-mb", type=float, default=16.0, help="request body limit")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="pixel limit per uploaded image")
-    p.add_argument("--max-side", type=int, default=1024, help="largest width/height (and detect resolution)")
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--queue", type=in_range(Range(0, 2 ** 31 - 1, integer=True)), default=4,
+                   help="requests that may wait for the model; more get 503")
+    p.add_argument("--max-upload-mb", type=in_range(Range(0, 2 ** 20, lo_open=True)), default=16.0,
+                   help="request body limit")
+    p.add_argument("--max-pixels", type=in_range(COUNT), default=4096 * 4096,
+                   help="pixel limit per image: uploads larger are refused (413, before decoding); generated and "
+                        "detected sizes, also those derived from an image's aspect, stay within it")
+    p.add_argument("--max-side", type=in_range("width"), default=1024,
+                   help="largest width/height of an image the server makes or works on (uploads are scaled down "
+                        "to it, sizes derived from an image's aspect are scaled down to fit), and detect resolution")
+    p.add_argument("--max-steps", type=in_range("steps"), default=100)
+    p.add_argument("--max-images", type=in_range("num_images"), default=4, help="images per request")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNets (see generate --compile); each new image size, "
                         "batch, set of active nets, weight or control mode compiles once, for minutes, on the "
@@ -291,12 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="make data sets")
     data = p.add_subparsers(dest="dataset", required=True)
     p = data.add_parser("shapes", help="ShapesWorld: flat shapes with captions, condition maps and exact metadata")
-    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--n", type=in_range(COUNT), required=True, help="number of samples")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=in_range(Range(0, 2 ** 32 - 1, integer=True)), default=0)
+    p.add_argument("--size", type=in_range(Range(16, 8192, integer=True)), default=128, help="image side in pixels")
     p.add_argument("--fill50k", action="store_true", help="the fill50k recipe: one circle, outline condition")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
+    p.add_argument("--workers", type=in_range(COUNT), default=None, help="processes (default: all cores, at most 8)")
     p.set_defaults(func=cmd_data_shapes)
     return parser
 
@@ -308,6 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
 RETAIN_MEMORY = ("generate", "eval")
 
 
+ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-_])")  # CSI, OSC, 2-byte escapes
+
+
+def one_line(message: str) -> str:
+    """An error or warning as one plain line: terminal escape codes (colours some libraries and
+    compilers put in their messages) removed, lines joined, and a path said twice at the start
+    ("a.png: a.png: cannot decode") said once."""
+    text = " ".join(line.strip() for line in ANSI.sub("", message).splitlines() if line.strip())
+    return re.sub(r"^(\S[^:]*): \1: ", r"\1: ", text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -315,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             retain_freed_memory()
         code = args.func(args)
     except (CheckpointError, ValueError, OSError, TrainingError) as e:  # user-facing: one line, no traceback
-        print(f"ctrlnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"ctrlnet {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     return code or 0
 

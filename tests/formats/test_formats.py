@@ -222,3 +222,24 @@ def test_pixel_space_hint_cannot_be_exported_where_formats_cannot_express_it(tmp
         save_controlnet(net, tmp_path / "d")
     save_controlnet(net, tmp_path / "own", format="ctrlnet")
     assert load_controlnet(tmp_path / "own").config.hint_downsample_factor == 1
+
+
+def test_a_base_model_is_named_as_such(tmp_path):
+    """inspect / load on a base checkpoint (single file, diffusers folder, its UNet, the bundled
+    base's name) says it is a base model, naming the file, instead of "no control_model.* keys"."""
+    from ctrlnet.base import load_base
+    from ctrlnet.testbed.tiny import write_tiny_base
+    from helpers import single_file
+    folder = write_tiny_base(tmp_path / "base", "sd15")
+    save_file(single_file(load_base(folder)), tmp_path / "sd.safetensors")
+    cases = [(tmp_path / "sd.safetensors", "sd.safetensors: a Stable Diffusion base model (single-file checkpoint"),
+             (folder, "base: a base model folder (StableDiffusionPipeline: model_index.json), not a ControlNet"),
+             (folder / "unet" / "diffusion_pytorch_model.safetensors",
+              "diffusion_pytorch_model.safetensors: a diffusers UNet's weights (up_blocks.* keys), not a ControlNet"),
+             ("nano", "nano: the bundled base model, not a ControlNet")]
+    for path, message in cases:
+        for reader in (inspect_checkpoint, load_controlnet):
+            with pytest.raises(CheckpointError) as e:
+                reader(path)
+            assert message in str(e.value) and "--base" in str(e.value), str(e.value)
+            assert str(e.value).count(str(path)) == 1

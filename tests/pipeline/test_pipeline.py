@@ -194,6 +194,72 @@ def test_bad_input_is_named(bases, tmp_path):
         pipe("word " * 100, steps=1)
 
 
+@pytest.fixture(scope="module")
+def sd15_pipe(bases):
+    base = load_base(bases["sd15"])
+    return Pipeline(base, {"net": trained_looking(base)})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"width": 0}, "width: 0 is not an integer in [1, 8192]"),  # used to give a 16 px image
+    ({"height": -64}, "height: -64 is not an integer in [1, 8192]"),
+    ({"width": 10_000}, "width: 10000 is not an integer in [1, 8192]"),
+    ({"steps": 0}, "steps: 0 is not an integer in [1, 1000]"),
+    ({"steps": 2.5}, "steps: 2.5 is not an integer in [1, 1000]"),
+    ({"num_images": 0}, "num_images: 0 is not an integer in [1, 100]"),
+    ({"num_images": 10 ** 6}, "num_images: 1000000 is not an integer in [1, 100]"),
+    ({"guidance": float("nan")}, "guidance: nan is not a number in [0, 100]"),  # used to give black images
+    ({"guidance": float("inf")}, "guidance: inf is not a number in [0, 100]"),
+    ({"guidance": -1.0}, "guidance: -1.0 is not a number in [0, 100]"),
+    ({"guidance_rescale": 1.5}, "guidance_rescale: 1.5 is not a number in [0, 1]"),
+    ({"strength": 0.0}, "strength: 0.0 is not a number in (0, 1]"),
+    ({"strength": float("nan")}, "strength: nan is not a number in (0, 1]"),
+    ({"seed": -2}, "seed: -2 is not an integer in [-1, 4294967295]"),
+    ({"seed": 2 ** 32}, "seed: 4294967296 is not an integer in [-1, 4294967295]"),
+    ({"seed": 2 ** 32 - 1, "num_images": 2}, "seed: 4294967295 with 2 images runs past 4294967295"),
+    ({"controls": [Control("net", condition(), scale=float("nan"))]},
+     "control net: scale: nan is not a number in [0, 10]"),
+    ({"controls": [Control("net", condition(), scale=[1.0] * 9 + [1e9])]}, "control net: scale: 1000000000.0 is not"),
+    ({"controls": [Control("net", condition(), scale=[1.0, 2.0])]},
+     "control net: conditioning_scale has 2 values; this ControlNet has"),
+    ({"controls": [Control("net", condition(), start=-0.5)]}, "control net: start: -0.5 is not a number in [0, 1]"),
+    ({"controls": [Control("net", condition(), end=float("nan"))]}, "control net: end: nan is not a number in [0, 1]"),
+    ({"controls": [Control("net", condition(), start=0.8, end=0.2)]}, "need start <= end"),
+])
+def test_numbers_out_of_range_are_one_line_errors_naming_them(sd15_pipe, kwargs, message):
+    with pytest.raises(ValueError) as e:
+        sd15_pipe("x", **{"steps": 1, **kwargs})
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_seed_minus_one_draws_a_seed_and_records_it(sd15_pipe):
+    """A1111's -1: a random seed, reported per image (Result.seeds, the parameters text), so the
+    image can be made again."""
+    a = sd15_pipe("x", seed=-1, steps=2, num_images=2, output_type="latent")
+    first = a.seeds[0]
+    assert a.seeds == [first, first + 1] and 0 <= first < 2 ** 32 - 1
+    assert f"Seed: {first}," in a.parameters[0] and f"Seed: {first + 1}," in a.parameters[1]
+    again = sd15_pipe("x", seed=first, steps=2, num_images=2, output_type="latent")
+    assert again.seeds == a.seeds and torch.allclose(again.latents, a.latents, atol=1e-6)
+    assert sd15_pipe("x", seed=5, steps=1, output_type="latent").seeds == [5]
+
+
+def test_a_size_derived_from_an_extreme_aspect_is_capped(sd15_pipe):
+    """The short side goes to the native size (64 here): a 1x256 image asks for 16384x64. Derived
+    sizes are scaled down, aspect kept, to fit the caps and rounded down to the multiple (16);
+    given sizes that do not fit are errors."""
+    strip = np.zeros((1, 256, 3), np.uint8)
+    assert sd15_pipe.output_size(None, None, strip) == (8192, 32)  # MAX_SIDE
+    assert sd15_pipe.output_size(None, None, strip, max_side=1024, max_pixels=100_000) == (1024, 16)
+    tall = np.zeros((300, 100, 3), np.uint8)  # 64 x 192: within the caps, rounded as before
+    assert sd15_pipe.output_size(None, None, tall, max_side=1024) == (64, 192)
+    assert sd15_pipe.output_size(None, None, tall, max_side=100) == (32, 96)
+    with pytest.raises(ValueError, match=r"width x height: 2000x64 .* over the limit of 1024 px per side"):
+        sd15_pipe.output_size(2000, 64, None, max_side=1024)
+    with pytest.raises(ValueError, match="over the limit of 1024 px per side and 10,000 pixels"):
+        sd15_pipe.output_size(128, None, None, max_side=1024, max_pixels=10_000)
+
+
 def test_sizes_round_to_the_model_multiple(bases):
     pipe = Pipeline(load_base(bases["sd15"]))  # tiny: VAE 8x, one downsampler -> multiple 16
     assert pipe.size_multiple == 16

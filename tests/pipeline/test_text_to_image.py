@@ -53,3 +53,17 @@ def test_controlnets_in_the_loop(tmp_path, family):
     assert np.array_equal(plain, off)
     with pytest.raises(ValueError, match="1 ControlNets but 0 conditions"):
         text_to_image(base, prompts, steps=1, controlnets=[net], conditions=[])
+
+
+def test_numbers_are_range_checked(tmp_path):
+    """The same ranges as Pipeline's (ranges.RANGES); no random seed here (nothing would report it)."""
+    base = load_base(write_tiny_base(tmp_path / "sd15", "sd15"))
+    for kwargs, message in [({"guidance": float("nan")}, "guidance: nan is not a number in [0, 100]"),
+                            ({"steps": 0}, "steps: 0 is not an integer in [1, 1000]"),
+                            ({"width": 0}, "width: 0 is not an integer in [1, 8192]"),
+                            ({"guidance_rescale": -0.1}, "guidance_rescale: -0.1 is not a number in [0, 1]"),
+                            ({"seed": -1}, "seed: -1 (random) needs a caller that reports the seed drawn"),
+                            ({"seed": 2 ** 32 - 1}, "seed: 4294967295 with 2 images runs past")]:
+        with pytest.raises(ValueError) as e:
+            text_to_image(base, ["a", "b"], **{"steps": 1, **kwargs})
+        assert message in str(e.value), str(e.value)

@@ -4,6 +4,7 @@ without sockets (servekit.asgi_call). No subprocess, no uvicorn, no clock: where
 model busy, an Event holds it."""
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
-from servekit import asgi_call, asgi_json, b64png, decode_data_url, make_request, png
+from servekit import Hangup, asgi_call, asgi_json, b64png, decode_data_url, make_request, png, sideways_jpeg
 
 pytest.importorskip("fastapi")
 
@@ -94,7 +96,7 @@ def test_queue_runs_one_at_a_time_and_frees_places_after():
     a.join()
     b.join()
     assert order == ["first", "second"]
-    assert q.status() == {"running": False, "step": 0, "total": 5, "queued": 0, "limit": 1, "done": 2}
+    assert q.status() == {"running": False, "step": 0, "total": 5, "queued": 0, "limit": 1, "done": 2, "dropped": 0}
     q.enter()  # room again
     q.leave()
 
@@ -214,10 +216,11 @@ def test_error_handlers(app):
     r = asyncio.run(http.on_api_error(request, ApiError(503, "busy", {"Retry-After": "3"})))
     assert r.status_code == 503 and r.headers["retry-after"] == "3" and json.loads(r.body) == {"error": "busy"}
     try:
-        raise RuntimeError("boom")
+        raise RuntimeError("boom in /work/secret/module.py")
     except RuntimeError as e:  # on_error prints the traceback being handled
         r = asyncio.run(http.on_error(request, e))
-    assert r.status_code == 500 and json.loads(r.body) == {"error": "internal error: RuntimeError: boom"}
+    assert r.status_code == 500 and json.loads(r.body) == {
+        "error": "internal error (RuntimeError); the server's log has the details"}
 
 
 # ---------------------------------------------------------------------- the ASGI app, no sockets
@@ -295,3 +298,196 @@ def test_import_and_the_extra_message_need_no_fastapi():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "needs the serve extra (fastapi is missing)" in out.stdout
+
+
+# ---------------------------------------------------------------------- bad requests are 4xx, never 500
+
+def deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+@pytest.mark.parametrize("body, ctype", [
+    (deep(100_000), "application/json"),
+    ('{"prompt": "x", "controls": ' + deep(100_000) + "}", "application/json"),
+])
+def test_deeply_nested_json_is_a_400(app, body, ctype):
+    """Python's JSON parser recurses: 100000 nested lists (200 kB) were a RecursionError and a 500."""
+    status, _, r = asyncio.run(asgi_call(app, "POST", "/api/generate", body.encode(), {"Content-Type": ctype}))
+    assert status == 400 and "nested too deeply" in json.loads(r)["error"], r
+    boundary = "b0undary"
+    form = (f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n\r\n{deep(100_000)}\r\n'
+            f"--{boundary}--\r\n").encode()
+    with pytest.raises(ApiError) as e:
+        asyncio.run(http.read_request(make_request(
+            app, form, {"Content-Type": f"multipart/form-data; boundary={boundary}"}), GenerateRequest))
+    assert e.value.status == 400 and "form field 'request': JSON nested too deeply" in e.value.message
+
+
+def test_a_500_shows_no_paths_or_traceback(app, local, monkeypatch, capsys):
+    """A true internal error: the client learns that it happened, the log gets the details."""
+    def broken():
+        raise RuntimeError("/work/main/.venv/lib/python3.11/site-packages/x.py: something broke")
+    monkeypatch.setattr(local, "models", broken)
+    status, _, body = asyncio.run(asgi_call(app, "GET", "/api/models"))
+    assert status == 500 and json.loads(body) == {
+        "error": "internal error (RuntimeError); the server's log has the details"}
+    for leak in (b"/work", b"site-packages", b"Traceback", b".py"):
+        assert leak not in body
+    assert "Traceback" in capsys.readouterr().err  # logged on the server
+
+
+@pytest.mark.parametrize("fields, status, words", [
+    # Python's json reads NaN / Infinity, which JSON itself does not have
+    ('"guidance": NaN', 422, ["guidance", "finite number"]),
+    ('"guidance": Infinity', 422, ["guidance", "finite number"]),
+    ('"guidance": 1e999', 422, ["guidance", "finite number"]),
+    ('"guidance": 101', 422, ["guidance", "less than or equal to 100", "got 101"]),
+    ('"guidance_rescale": 1.5', 422, ["guidance_rescale"]),
+    ('"steps": 0', 422, ["steps", "got 0"]),
+    ('"width": 0', 422, ["width", "greater than or equal to 1"]),
+    ('"seed": -2', 422, ["seed", "got -2"]),
+    ('"seed": 4294967296', 422, ["seed"]),
+    ('"seed": 4294967295, "num_images": 2', 400, ["seed: 4294967295 with 2 images runs past 4294967295"]),
+    ('"controls": [{"model": "nano-canny", "image": "IMG", "scale": NaN}]', 422,
+     ["controls.0.scale", "finite number"]),
+    ('"controls": [{"model": "nano-canny", "image": "IMG", "scale": [1, 99]}]', 400,
+     ["controls.0", "scale: 99.0 is not a number in [0, 10]"]),
+    ('"controls": [{"model": "nano-canny", "image": "IMG", "scale": [1, 2]}]', 400,
+     ["controls.0", "conditioning_scale has 2 values"]),
+    ('"controls": [{"model": "nano-canny", "image": "IMG", "start": NaN}]', 422, ["controls.0.start"]),
+    # get_annotator's check (a string where a number belongs), turned into a 400 before queueing
+    ('"controls": [{"model": "nano-canny", "image": "IMG", "annotator": "canny", "params": {"low": "abc"}}]', 400,
+     ["controls.0", "low", "abc"]),
+    ('"controls": [{"model": "nano-canny", "image": "IMG", "annotator": "canny", "params": {"low": NaN}}]', 422,
+     ["controls.0.params.low"]),
+])
+def test_bad_numbers_are_4xx_naming_the_field(app, shapes_sample, fields, status, words):
+    _, maps = shapes_sample
+    body = ('{"prompt": "x", "steps": 1, ' + fields + "}").replace("IMG", b64png(maps["canny"]))
+    got, _, r = asyncio.run(asgi_call(app, "POST", "/api/generate", body.encode(),
+                                      {"Content-Type": "application/json"}))
+    error = json.loads(r)["error"]
+    assert got == status and all(w in error for w in words), error
+
+
+# ---------------------------------------------------------------------- sizes stay within the caps
+
+def test_a_size_derived_from_an_extreme_aspect_obeys_the_caps(app, local):
+    """No width/height: the size follows the control image's aspect (short side at the native 128).
+    A 1x256 PNG (78 bytes) asked for 32768x128; it is scaled down to fit max_side (1024), aspect
+    kept as far as the size multiple (32) allows. An explicit size over the caps stays a 400."""
+    strip = np.zeros((1, 256, 3), np.uint8)
+    strip[:, ::2] = 255
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/api/generate", {
+        "prompt": "x", "steps": 1, "controls": [{"model": "nano-canny", "image": b64png(strip)}]}))
+    assert status == 200, r
+    assert (r["width"], r["height"]) == (1024, 32)
+    assert r["width"] <= CONFIG.max_side and r["width"] * r["height"] <= CONFIG.max_pixels
+    with pytest.raises(ApiError) as e:  # 1024 x 1024 is over the 1,000,000 pixels of CONFIG
+        local.sized(GenerateRequest(prompt="x", width=1024, height=1024), [])
+    assert e.value.status == 400 and "1024x1024" in e.value.message and "1,000,000 pixels" in e.value.message
+    assert local.sized(GenerateRequest(prompt="x", width=100), []).height == 96  # rounded as the Pipeline does
+
+
+def test_detect_works_on_at_most_the_capped_size(app, shapes_sample):
+    """A 16x16384 PNG (262144 pixels, under max_pixels; a few hundred bytes) is scaled down to
+    max_side before the annotator runs, so the map is at most 1024 px long; a resolution that
+    would make the long side exceed the cap is a 400 before any work."""
+    from ctrlnet.annotators import get_annotator
+    _, maps = shapes_sample
+    tall = np.tile(maps["target"][:, :16], (128, 1, 1))  # (16384, 16, 3)
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/api/detect", {"image": b64png(tall), "annotator": "canny"}))
+    assert status == 200, r
+    assert (r["width"], r["height"]) == (1, 1024)
+    small = maps["target"][:64, :]  # 128 x 64
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/api/detect", {
+        "image": b64png(small), "annotator": "canny", "params": {"image_resolution": 1024}}))
+    assert status == 400 and "detect.params.image_resolution: 1024 on a 128x64 image makes a 2048x1024 map" \
+        in r["error"], r
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/api/detect", {"image": b64png(small), "annotator": "canny"}))
+    assert status == 200 and np.array_equal(np.asarray(decode_data_url(r["image"]).convert("RGB")),
+                                            get_annotator("canny")(small))  # within the caps: untouched
+
+
+# ---------------------------------------------------------------------- EXIF orientation, random seeds
+
+def test_a_sideways_jpeg_is_generated_upright(app, shapes_sample):
+    """A JPEG stored sideways with EXIF orientation 6: the derived size has the upright (portrait)
+    aspect, and the condition map is the upright image."""
+    _, maps = shapes_sample
+    upright = np.concatenate([maps["segmentation"], maps["segmentation"][::-1]], axis=0)  # (256, 128, 3)
+    jpeg, expected = sideways_jpeg(upright)
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/api/generate", {
+        "prompt": "x", "steps": 1, "controls": [{"model": "nano-segmentation",
+                                                  "image": base64.b64encode(jpeg).decode()}]}))
+    assert status == 200, r
+    assert (r["width"], r["height"]) == (128, 256)
+    condition = np.asarray(decode_data_url(r["conditions"][0]).convert("RGB")).astype(int)
+    assert condition.shape == (256, 128, 3)
+    assert np.abs(condition - expected).max() <= 1  # float round trip
+    assert np.abs(condition - upright).mean() < 8  # the JPEG's loss only: the right way up
+
+
+def test_seed_minus_one_draws_a_seed_and_reports_it(app):
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/api/generate", {"prompt": "x", "steps": 1, "seed": -1,
+                                                                        "num_images": 2}))
+    assert status == 200, r
+    first = r["seeds"][0]
+    assert 0 <= first and r["seeds"] == [first, first + 1]
+    assert f"Seed: {first + 1}," in r["parameters"][1]
+    status, _, again = asyncio.run(asgi_json(app, "POST", "/api/generate", {"prompt": "x", "steps": 1,
+                                                                            "seed": first, "num_images": 2}))
+    assert again["seeds"] == r["seeds"]
+    for a, b in zip(again["images"], r["images"]):  # reproducible from the reported seed
+        diff = np.asarray(decode_data_url(a).convert("RGB")).astype(int) - np.asarray(decode_data_url(b).convert("RGB"))
+        assert np.abs(diff).max() <= 2
+
+
+# ---------------------------------------------------------------------- a client that leaves
+
+def test_a_queued_request_whose_client_left_is_dropped(app, local, shapes_sample, monkeypatch):
+    """Queue 1: the first request runs, held by an Event; the second waits for the model, and its
+    client hangs up. When the first is released, the second is dropped without generating."""
+    _, maps = shapes_sample
+    running, release, ran = threading.Event(), threading.Event(), []
+    generate = local.generate
+
+    def held(req, controls, on_step=None):
+        ran.append(req.prompt)
+        if req.prompt == "first":
+            running.set()
+            assert release.wait(600), "the test never released the model"
+        return generate(req, controls, on_step)
+    monkeypatch.setattr(local, "generate", held)
+    payload = {"steps": 1, "controls": [{"model": "nano-canny", "image": b64png(maps["canny"])}]}
+    dropped_before = local.generation.status()["dropped"]
+
+    async def scenario():
+        first = asyncio.create_task(asgi_json(app, "POST", "/api/generate", {"prompt": "first", **payload}))
+        await wait_until(running.is_set, "the first request runs")
+        hangup = Hangup()
+        body = json.dumps({"prompt": "second", **payload}).encode()
+        second = asyncio.create_task(asgi_call(app, "POST", "/api/generate", body,
+                                               {"Content-Type": "application/json"}, hangup=hangup))
+        await wait_until(lambda: local.generation.status()["queued"] == 1, "the second request waits")
+        hangup.set()
+        await wait_until(lambda: hangup.delivered, "the server reads the disconnect")
+        release.set()
+        return await asyncio.gather(first, second)
+    try:
+        (status1, _, r1), (status2, _, r2) = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert status1 == 200 and len(r1["images"]) == 1
+    assert status2 == 499 and b"dropped" in r2
+    assert ran == ["first"]  # the second never reached the model
+    status = local.generation.status()
+    assert status["dropped"] == dropped_before + 1 and status["queued"] == 0 and local.generation.waiting == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about fp16 on a CPU")
+def test_a_slow_dtype_is_reported_to_the_operator():
+    """`ctrlnet serve --dtype fp16` on a CPU: the Pipeline's warning used to be silenced with the
+    libraries' chatter; `run` prints Server.load_warnings at start."""
+    server = Server(ServeConfig(dtype="fp16"))
+    assert len(server.load_warnings) == 1 and "fp16 on a CPU is very slow" in server.load_warnings[0]

@@ -26,18 +26,23 @@ import torch
 
 from ..configs import classify_base, known_controlnet_config
 from ..models.controlnet import ControlNet, ControlNetConfig
-from ..names import UnknownName, controlnet_path, is_training_checkpoint
+from ..names import UnknownName, controlnet_path, is_nano, is_training_checkpoint
 from .checkpoint import controlnet_from_checkpoint, read_checkpoint, unflat
 from .keymap import build_keymap
 from .safe_load import CheckpointError, read_state_dict, write_safetensors
 
 PREFIX = "control_model."
+# keys of a whole Stable Diffusion checkpoint (CompVis / SGM single file): UNet, VAE, text encoder(s)
+BASE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+NOT_A_CONTROLNET = "ctrlnet inspect / convert and --control read ControlNets; give a base as --base (load_base)"
 CONFIG_METADATA_KEY = "ctrlnet_config"  # our exports carry their exact config in safetensors metadata
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "diffusion_pytorch_model.bin")
 # ---------------------------------------------------------------- detection
 
-def detect_format(keys) -> str:
+def detect_format(keys, where: str = "") -> str:
+    """The ControlNet format of a state dict's keys; a CheckpointError (prefixed with ``where``, the
+    file) for anything else, naming a base model or a UNet when the keys say it is one."""
     keys = list(keys)
     if any(k.startswith(PREFIX) for k in keys):
         return "original-full" if any(k.startswith("model.diffusion_model.") for k in keys) else "original"
@@ -45,9 +50,39 @@ def detect_format(keys) -> str:
         return "original"  # community extract without the control_model. prefix
     if any(k.startswith(("controlnet_cond_embedding.", "controlnet_down_blocks.")) for k in keys):
         return "diffusers"
+    at = f"{where}: " if where else ""
+    if any(k.startswith(BASE_PREFIXES) for k in keys):
+        raise CheckpointError(f"{at}a Stable Diffusion base model (single-file checkpoint: UNet, VAE and text "
+                              f"encoder keys), not a ControlNet; {NOT_A_CONTROLNET}")
+    if any(k.startswith("up_blocks.") for k in keys):  # a ControlNet is an encoder: it has no up blocks
+        raise CheckpointError(f"{at}a diffusers UNet's weights (up_blocks.* keys), not a ControlNet; "
+                              f"{NOT_A_CONTROLNET}")
     sample = ", ".join(keys[:5])
-    raise CheckpointError(f"not a ControlNet checkpoint: no control_model.*, input_hint_block.* or "
+    raise CheckpointError(f"{at}not a ControlNet checkpoint: no control_model.*, input_hint_block.* or "
                           f"controlnet_cond_embedding.* keys (first keys: {sample})")
+
+
+def resolve(spec: str | Path) -> Path:
+    """The path of a ControlNet spec (a path, or a bundled name); CheckpointError for an unknown
+    name, and for the bundled base's name (``nano``), which is no ControlNet."""
+    if is_nano(spec):
+        raise CheckpointError(f"{spec}: the bundled base model, not a ControlNet; {NOT_A_CONTROLNET}")
+    try:
+        return controlnet_path(spec)
+    except UnknownName as e:
+        raise CheckpointError(str(e)) from None
+
+
+def refuse_base_folder(path: Path) -> None:
+    """A clear error for a diffusers base pipeline folder (``model_index.json``) given as a ControlNet."""
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            kind = json.loads(index.read_text()).get("_class_name", "a diffusers pipeline")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            kind = "a diffusers pipeline"
+        raise CheckpointError(f"{path}: a base model folder ({kind}: model_index.json), not a ControlNet; "
+                              f"{NOT_A_CONTROLNET}")
 
 
 def original_controlnet_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,16 +228,14 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
     overrides what is read or inferred (needed only for custom architectures saved
     by other tools, whose head counts the weights cannot tell).
     """
-    try:
-        path = controlnet_path(path)
-    except UnknownName as e:
-        raise CheckpointError(str(e)) from None
+    path = resolve(path)
     if isinstance(config, dict):
         config = ControlNetConfig.from_dict(config)
     if is_training_checkpoint(path):  # a `ctrlnet train` checkpoint (step-N)
         net = controlnet_from_checkpoint(path)
         return net.to(dtype) if dtype else net
     if path.is_dir():
+        refuse_base_folder(path)
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise CheckpointError(f"{path}: a diffusers ControlNet folder needs config.json")
@@ -210,14 +243,14 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
         if weights is None:
             raise CheckpointError(f"{path}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)}) next to config.json")
         tensors, _ = read_state_dict(weights)
-        if detect_format(tensors) != "diffusers":
+        if detect_format(tensors, str(weights)) != "diffusers":
             raise CheckpointError(f"{weights}: expected diffusers key names in a diffusers folder")
         net = ControlNet(config or _read_diffusers_config(cfg_path))
         load_strict(net, tensors, str(weights))
         return net.to(dtype) if dtype else net
 
     tensors, metadata = read_state_dict(path)
-    fmt = detect_format(tensors)
+    fmt = detect_format(tensors, str(path))
     config = config or _config_from_metadata(metadata)
     if fmt == "diffusers":
         sibling = path.parent / "config.json"
@@ -306,18 +339,17 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """What a ControlNet file or folder holds: format, base, parameters, dtype, residuals.
 
     Reads the config (folder, metadata) or infers it from the shapes; builds no model. A bundled
-    name (``nano-canny``) is resolved as in ``load_controlnet``.
+    name (``nano-canny``) is resolved as in ``load_controlnet``; a base model (single file or
+    diffusers folder) is a CheckpointError saying so.
     """
-    try:
-        path = controlnet_path(path)
-    except UnknownName as e:
-        raise CheckpointError(str(e)) from None
+    path = resolve(path)
     if is_training_checkpoint(path):  # a `ctrlnet train` checkpoint: the weights it would load
         fmt = "ctrlnet-train-checkpoint"
         tensors, state = read_checkpoint(path)
         config = ControlNetConfig.from_dict(state["controlnet_config"])
         control = unflat("ema", tensors) or unflat("controlnet", tensors)
     elif path.is_dir():
+        refuse_base_folder(path)
         fmt = "diffusers"
         weights = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), None)
         if weights is None or not (path / "config.json").is_file():
@@ -327,7 +359,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         control = tensors
     else:
         tensors, metadata = read_state_dict(path)
-        fmt = detect_format(tensors)
+        fmt = detect_format(tensors, str(path))
         config = _config_from_metadata(metadata)
         if fmt == "diffusers":
             control = tensors

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import warnings
@@ -37,10 +38,15 @@ from ..prepack import PackedWeights
 from ..prepack import available as packing_available
 from .sampling import (ActiveControl, Inpainting, RegionBatch, check_control, decode, default_guidance, denoise,
                        encode_image, initial_noise)
+from .ranges import MAX_SIDE, check_args, resolve_seed
 from .schedulers import make_scheduler, sampler_label
 from .text import encode_text, guidance_text, warn_long_prompts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SlowDtypeWarning(UserWarning):
+    """A dtype this device computes far slower than fp32 (fp16 on a CPU, emulated bf16)."""
 
 
 @dataclass
@@ -52,8 +58,8 @@ class Control:
     or a photo when ``annotator`` names the detector to run on it first - used for every prompt; or
     a list with one such image per prompt. ``annotator="inpaint"``
     makes the inpaint ControlNet's condition from the init image and the mask (masked pixels -1).
-    ``scale``: one float or one per residual. ``start``/``end``: the fraction of steps where it acts.
-    ``mode``: balanced | prompt | control (see ``sampling``).
+    ``scale``: one float or one per residual, each in [0, 10]. ``start``/``end``: the fraction of
+    steps where it acts, in [0, 1]. ``mode``: balanced | prompt | control (see ``sampling``).
     """
 
     model: Any
@@ -69,7 +75,7 @@ class Control:
     def check(self) -> None:
         """Every rule a control unit obeys, for the CLI, the Python API and the server alike."""
         where = f"control {self.model}"
-        check_control(self.mode, self.start, self.end, where)
+        check_control(self.mode, self.start, self.end, where, self.scale)
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"{where}: resize mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.image is None and self.annotator != "inpaint":
@@ -108,6 +114,7 @@ class Result:
     parameters: list[str]  # A1111-style "parameters" text of each image
     latents: torch.Tensor | None = None  # (B, C, h, w) final latents
     num_images: int = 1  # per prompt: image i belongs to prompt i // num_images
+    seeds: list[int] = field(default_factory=list)  # image i's seed (the one drawn when seed=-1), as in its parameters
 
 
 def cpu_has_native_bf16() -> bool:
@@ -213,10 +220,11 @@ class Pipeline:
             raise ValueError(f"dtype {dtype!r}: use fp32, bf16 or fp16")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if torch_dtype == torch.float16 and device.type == "cpu":
-            warnings.warn("fp16 on a CPU is very slow (no fp16 matmul units); use bf16 or fp32", stacklevel=2)
+            warnings.warn("fp16 on a CPU is very slow (no fp16 matmul units); use bf16 or fp32", SlowDtypeWarning,
+                          stacklevel=2)
         if torch_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
-                          "fp32; use --dtype fp32", stacklevel=2)
+                          "fp32; use --dtype fp32", SlowDtypeWarning, stacklevel=2)
         base_model = base if isinstance(base, LockedBase) else load_base(base)
         pipe = cls(base_model.to(device, torch_dtype), dtype=torch_dtype,
                    name=NANO if is_nano(base) else "", channels_last=channels_last,
@@ -280,20 +288,37 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prepare steps
 
-    def output_size(self, width: int | None, height: int | None, ref: np.ndarray | None) -> tuple[int, int]:
+    def output_size(self, width: int | None, height: int | None, ref: np.ndarray | None,
+                    max_side: int = MAX_SIDE, max_pixels: int | None = None) -> tuple[int, int]:
         """Sides rounded to the size multiple; missing sides follow ``ref`` (the init or first control
-        image): its short side to the native size, aspect kept (the original apps' resize_image)."""
+        image): its short side to the native size, aspect kept (the original apps' resize_image).
+
+        Caps: a size derived from ``ref`` is scaled down, aspect kept, until it fits ``max_side`` per
+        side and ``max_pixels`` in all (a 1x256 condition would otherwise ask for 32768x128), and
+        rounded down to the multiple; a size the caller gave that does not fit is a ValueError."""
         m, native = self.size_multiple, self.native_size
+
+        def fits(w: float, h: float) -> bool:
+            return max(w, h) <= max_side and (not max_pixels or w * h <= max_pixels)
         if width is None and height is None:
             if ref is None:
                 width = height = native
             else:
                 k = native / min(ref.shape[:2])
                 width, height = ref.shape[1] * k, ref.shape[0] * k
-        elif width is None or height is None:
-            width = width if width is not None else height
-            height = height if height is not None else width
-        return round_size(int(round(width)), m), round_size(int(round(height)), m)
+            w, h = round_size(int(round(width)), m), round_size(int(round(height)), m)
+            if fits(w, h):
+                return w, h
+            k = min(max_side / max(width, height), math.sqrt(max_pixels / (width * height)) if max_pixels else 1)
+            return max(m, int(width * k) // m * m), max(m, int(height * k) // m * m)
+        width = width if width is not None else height
+        height = height if height is not None else width
+        w, h = round_size(int(round(width)), m), round_size(int(round(height)), m)
+        if not fits(w, h):
+            limit = f"{max_side} px per side" + (f" and {max_pixels:,} pixels" if max_pixels else "")
+            raise ValueError(f"width x height: {width}x{height} (rounded to multiples of {m}: {w}x{h}) is over the "
+                             f"limit of {limit}")
+        return w, h
 
     @staticmethod
     def prepare_images(controls: Sequence[Control], n_prompts: int) -> list[list[np.ndarray | None]]:
@@ -338,6 +363,10 @@ class Pipeline:
         device = self.base.unet.device
         for c, images in zip(controls, decoded):
             net = self.controlnet(c.model)
+            try:  # one weight per residual, or one for all: checked before any work
+                net.residual_scales(c.scale)
+            except ValueError as e:
+                raise ValueError(f"control {c.model}: {e}") from None
             cmaps = [self.condition_map(c, rgb, width, height, init, mask) for rgb in images]  # (H, W, 3) float
             maps.append(cmaps if c.per_prompt else cmaps[0])
             cond_t = torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, self.dtype)  # (1 or P, 3, H, W)
@@ -426,18 +455,20 @@ class Pipeline:
                  progress: bool = False, callback=None, output_type: str = "pil",
                  regions: Region | Sequence[Region] | Sequence[Sequence[Region]] = ()) -> Result:
         """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
-        the base's own (``default_guidance``). ``regions``: ``Region``s for every prompt, or one list
-        of them per prompt. ``callback(i)`` is called after denoising step i;
-        ``output_type="latent"`` skips decoding."""
+        the base's own (``default_guidance``). Numbers must lie in their ``ranges.RANGES`` (a
+        ValueError names the argument, the value and the range). ``seed``: image i uses seed + i;
+        -1 draws a random seed, reported in ``Result.seeds`` and the parameters text. ``width`` /
+        ``height``: missing ones follow the first condition (or init) image (``output_size``).
+        ``regions``: ``Region``s for every prompt, or one list of them per prompt. ``callback(i)``
+        is called after denoising step i; ``output_type="latent"`` skips decoding."""
         default_guidance, default_rescale = self.default_guidance()
         guidance = guidance if guidance is not None else default_guidance
         guidance_rescale = guidance_rescale if guidance_rescale is not None else default_rescale
         # 1. Check inputs; decode every image once.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if steps < 1 or num_images < 1:
-            raise ValueError(f"steps and num_images must be >= 1, got {steps}, {num_images}")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        check_args(steps=steps, num_images=num_images, guidance=guidance, guidance_rescale=guidance_rescale,
+                   strength=strength, width=width, height=height)
+        seed = resolve_seed(seed, len(prompts) * num_images)
         for c in controls:
             c.check()
         if mask is not None and init_image is None:
@@ -465,17 +496,18 @@ class Pipeline:
         latents = self.run_loop(latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
                                 torch.Generator().manual_seed(seed), inpaint, region_batch, progress, callback)
         # 8. Decode, with the parameters of each image.
+        seeds = [seed + i for i in range(b)]
         params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
-                                       seed + i, width, height, controls,
+                                       seeds[i], width, height, controls,
                                        strength if init is not None else None,
                                        region_batch.prompts[i] if region_batch else ())
                   for i, p in enumerate(prompts)]
         to_uint8 = lambda m: np.clip(m * 255, 0, 255).astype(np.uint8)
         conditions = [[to_uint8(x) for x in m] if isinstance(m, list) else to_uint8(m) for m in maps]
         if output_type == "latent":
-            return Result([], conditions, params, latents, num_images)
+            return Result([], conditions, params, latents, num_images, seeds)
         images = decode(self.base, latents).numpy()
-        return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images)
+        return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images, seeds)
 
     def run_loop(self, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added, generator,
                  inpaint, region_batch, progress: bool, callback) -> torch.Tensor:

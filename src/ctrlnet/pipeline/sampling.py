@@ -28,6 +28,7 @@ import torch
 from ..base import LockedBase
 from ..models.control import controlled_unet_forward, is_zero_scale, sum_residuals
 from ..models.controlnet import ControlNet
+from .ranges import check, check_scale
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 
@@ -55,12 +56,15 @@ def default_guidance(base: LockedBase) -> tuple[float, float]:
     return (2.5, 0.7) if zsnr else (7.5, 0.0)
 
 
-def check_control(mode: str, start: float, end: float, where: str = "control") -> None:
-    """The rules every control obeys, user spec or runtime form alike."""
+def check_control(mode: str, start: float, end: float, where: str = "control", scale=1.0) -> None:
+    """The rules every control obeys, user spec or runtime form alike (ranges: ``ranges.RANGES``)."""
     if mode not in CONTROL_MODES:
         raise ValueError(f"{where}: mode {mode!r} is not one of {', '.join(CONTROL_MODES)}")
-    if not 0 <= start <= end <= 1:
-        raise ValueError(f"{where}: need 0 <= start <= end <= 1, got start={start}, end={end}")
+    check("start", start, where)
+    check("end", end, where)
+    if start > end:
+        raise ValueError(f"{where}: need start <= end, got start={start}, end={end}")
+    check_scale(scale, where)
 
 
 @dataclass
@@ -75,7 +79,7 @@ class ActiveControl:
     mode: str = "balanced"
 
     def __post_init__(self):
-        check_control(self.mode, self.start, self.end)
+        check_control(self.mode, self.start, self.end, scale=self.scale)
 
     def active(self, i: int, n: int) -> bool:
         """Whether the net runs at step i of n (diffusers' window rule; a zero scale never runs)."""

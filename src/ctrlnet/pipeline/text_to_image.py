@@ -11,6 +11,7 @@ import torch
 
 from ..base import LockedBase
 from ..models.controlnet import ControlNet
+from .ranges import check_args, check_seed
 from .sampling import ActiveControl, decode, default_guidance, denoise, initial_noise
 from .text import guidance_text
 
@@ -24,11 +25,15 @@ def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidanc
 
     ``controlnets[i]`` is driven by ``conditions[i]`` ((B, 3, H, W) in [0, 1]) at ``scales[i]``;
     each net's hint features are computed once, not per step. ``guidance``/``guidance_rescale``
-    default to the base's own (``sampling.default_guidance``).
+    default to the base's own (``sampling.default_guidance``). Numbers are checked against
+    ``ranges.RANGES`` as ``Pipeline``'s are; ``seed`` must be given (no -1: nothing here would
+    report the seed drawn).
     """
     default, default_rescale = default_guidance(base)
     guidance = guidance if guidance is not None else default
     guidance_rescale = guidance_rescale if guidance_rescale is not None else default_rescale
+    check_args(steps=steps, guidance=guidance, guidance_rescale=guidance_rescale, width=width, height=height)
+    check_seed(seed, len(prompts), random=False)
     unet = base.unet
     factor = base.vae_scale_factor
     height = height or unet.config.sample_size * factor

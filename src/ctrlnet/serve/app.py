@@ -12,17 +12,21 @@ Routes (schema at ``/openapi.json``):
 Safety: the server only reads the base and ControlNets the operator named at start (requests
 name models, never paths; images travel in the request, results in the response, nothing is
 written to disk); bodies are capped in bytes (413) and images in pixels before decoding (413);
-generation runs one at a time with at most ``queue`` requests waiting, then 503 + Retry-After;
-bad input is a 4xx ``{"error": "..."}`` naming the field.
+generation runs one at a time with at most ``queue`` requests waiting, then 503 + Retry-After,
+and a waiting request whose client hangs up is dropped; images are scaled down to ``max_side`` /
+``max_pixels`` and sizes derived from them stay within those caps; bad input is a 4xx
+``{"error": "..."}`` naming the field; a 500 (a bug) says only that, the details go to the log.
 
 Each route is a module-level function of the request; the ``Server`` it works on is
 ``request.app.state.server``, so a handler can be called with any request that carries an app.
 This module needs the ``serve`` extra (fastapi) to import; ``ctrlnet.serve`` does not.
 """
 
+import asyncio
 import functools
 import json
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -35,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..version import __version__
 from .config import ServeConfig
-from .queue import GenerationQueue, QueueFull
+from .queue import ClientGone, GenerationQueue, QueueFull
 from .schemas import (ControlUnitRequest, DetectRequest, DetectResponse, GenerateRequest, GenerateResponse,
                       validation_message)
 from .server import ApiError, Server
@@ -55,15 +59,28 @@ async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResp
 
 
 async def on_error(request: Request, e: Exception) -> JSONResponse:
-    """A bug, not bad input: log it, keep serving."""
-    traceback.print_exc(file=sys.stderr)
-    return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+    """A bug, not bad input: log it with its traceback, keep serving. The client gets the exception's
+    type only: its message and traceback may hold file paths and library internals."""
+    traceback.print_exception(e, file=sys.stderr)
+    return JSONResponse({"error": f"internal error ({type(e).__name__}); the server's log has the details"},
+                        status_code=500)
 
 
 # ---------------------------------------------------------------------- request -> inputs
 
 def server_of(request: Request) -> Server:
     return request.app.state.server
+
+
+def parse_json(raw: str | bytes, where: str):
+    """JSON text -> value; a 400 naming ``where`` when it is not JSON or nests too deeply (Python's
+    parser recurses: 100000 nested lists are a RecursionError, a few hundred bytes of body)."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, f"{where}: JSON nested too deeply") from None
 
 
 async def read_request(request: Request, model: type[pydantic.BaseModel]):
@@ -83,26 +100,16 @@ async def read_request(request: Request, model: type[pydantic.BaseModel]):
             if hasattr(value, "read"):
                 uploads[key] = await value.read()
             elif key == "request":
-                try:
-                    fields = json.loads(value)
-                except json.JSONDecodeError as e:
-                    raise ApiError(400, f"form field 'request': not JSON ({e})") from None
+                fields = parse_json(value, "form field 'request'")
                 if not isinstance(fields, dict):
                     raise ApiError(400, "form field 'request': must be a JSON object")
                 data.update(fields)
             elif key == "params":
-                try:
-                    data["params"] = json.loads(value)
-                except json.JSONDecodeError as e:
-                    raise ApiError(400, f"form field 'params': not JSON ({e})") from None
+                data["params"] = parse_json(value, "form field 'params'")
             else:
                 data[key] = value
     elif ctype.startswith("application/json") or not ctype:
-        raw = await request.body()
-        try:
-            data = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"body is not valid JSON ({e})") from None
+        data = parse_json(await request.body() or b"null", "body")
     else:
         raise ApiError(415, f"content type {ctype!r}: send application/json or multipart/form-data")
     if not isinstance(data, dict):
@@ -125,22 +132,37 @@ def image_of(b64: str | None, upload: bytes | None, where: str, max_pixels: int)
         raise ApiError(e.status, str(e)) from None
 
 
-async def run_queued(queue: GenerationQueue, steps: int, fn):
-    """Run ``fn(queue)`` in a worker thread once the model is free; 503 when the queue is full."""
+async def watch_disconnect(request: Request, gone: threading.Event) -> None:
+    """Set ``gone`` when the client hangs up. The body has been read, so the next ASGI message is
+    ``http.disconnect``: the server sends it when the connection closes."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def run_queued(request: Request, queue: GenerationQueue, steps: int, fn):
+    """Run ``fn(queue)`` in a worker thread once the model is free; 503 when the queue is full. A
+    request whose client hangs up while it waits is dropped when its turn comes (499, which
+    nobody reads), instead of computing what no one will receive."""
     try:
         queue.enter()
     except QueueFull as e:
         raise ApiError(503, str(e), {"Retry-After": str(e.retry_after)}) from None
     started = False
+    gone = threading.Event()
+    watcher = asyncio.ensure_future(watch_disconnect(request, gone))
 
     def work():
         nonlocal started
         started = True
-        with queue.run(steps) as q:  # leaves the queue when done
+        with queue.run(steps, gone) as q:  # leaves the queue when done
             return fn(q)
     try:
         return await run_in_threadpool(work)
+    except ClientGone:
+        raise ApiError(499, "the client closed the request before its turn; dropped") from None
     finally:
+        watcher.cancel()
         if not started:  # cancelled before the worker ran: give the place back
             queue.leave()
 
@@ -171,18 +193,21 @@ async def detect(request: Request) -> dict:
     server = server_of(request)
     req, uploads = await read_request(request, DetectRequest)
     params = server.check_params(dict(req.params), "detect")
-    rgb = image_of(req.image, uploads.get("image"), "image", server.config.max_pixels)
-    return await run_queued(server.detection, 1, lambda q: server.detect(rgb, req.annotator, params))
+    rgb = server.fit(image_of(req.image, uploads.get("image"), "image", server.config.max_pixels))
+    server.check_resolutions(rgb, params, "detect")
+    return await run_queued(request, server.detection, 1, lambda q: server.detect(rgb, req.annotator, params))
 
 
 async def generate(request: Request) -> dict:
     server = server_of(request)
     req, uploads = await read_request(request, GenerateRequest)
     server.check_generate(req)
-    images = [image_of(u.image, uploads.get(f"image{i}"), f"controls.{i}.image", server.config.max_pixels)
+    images = [server.fit(image_of(u.image, uploads.get(f"image{i}"), f"controls.{i}.image", server.config.max_pixels))
               for i, u in enumerate(req.controls)]
-    controls = server.controls(req, images)  # every check done: only now take a place in the queue
-    return await run_queued(server.generation, req.steps, lambda q: server.generate(req, controls, q.on_step))
+    controls = server.controls(req, images)
+    req = server.sized(req, images)  # every check done: only now take a place in the queue
+    return await run_queued(request, server.generation, req.steps,
+                            lambda q: server.generate(req, controls, q.on_step))
 
 
 # ---------------------------------------------------------------------- the app
@@ -289,5 +314,7 @@ def run(config: ServeConfig) -> None:
         print(f"ctrlnet serve: warning: listening on {config.host}: anyone who can reach this port can generate "
               "(there is no authentication)", file=sys.stderr)
     app = create_app(config)
+    for message in app.state.server.load_warnings:
+        print(f"ctrlnet serve: warning: {message}", file=sys.stderr)
     print(f"ctrlnet serve: http://{config.host}:{config.port}/ (API schema at /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

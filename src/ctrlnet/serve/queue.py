@@ -1,6 +1,7 @@
 """A bounded generation queue: one generation at a time on the loaded model, up to ``limit``
 more waiting; past that a request is refused at once (HTTP 503 + Retry-After) instead of piling
-up threads and memory. Also the progress the page polls."""
+up threads and memory. A request whose client hangs up while it waits is dropped when its turn
+comes, without running. Also the progress the page polls."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class ClientGone(Exception):
+    """The client of a waiting request hung up: it is dropped, not computed."""
+
+
 class GenerationQueue:
     def __init__(self, limit: int):
         if limit < 0:
@@ -27,6 +32,7 @@ class GenerationQueue:
         self.step = 0
         self.total = 0
         self.done = 0
+        self.dropped = 0                   # requests whose client left before their turn
         self.last_seconds = 5.0            # duration of the last generation, for Retry-After
 
     def enter(self) -> None:
@@ -37,10 +43,15 @@ class GenerationQueue:
             self.waiting += 1
 
     @contextlib.contextmanager
-    def run(self, total_steps: int):
-        """Hold the model for one generation (blocks while another runs); leave the queue after."""
+    def run(self, total_steps: int, gone: threading.Event | None = None):
+        """Hold the model for one generation (blocks while another runs); leave the queue after.
+        ClientGone instead when ``gone`` is set by the time the model is free."""
         try:
             with self._model:
+                if gone is not None and gone.is_set():  # nobody would read the result
+                    with self._lock:
+                        self.dropped += 1
+                    raise ClientGone()
                 with self._lock:
                     self.running, self.step, self.total = True, 0, total_steps
                 t0 = time.perf_counter()
@@ -67,4 +78,4 @@ class GenerationQueue:
         with self._lock:
             queued = self.waiting - (1 if self.running else 0)
             return {"running": self.running, "step": self.step, "total": self.total, "queued": max(0, queued),
-                    "limit": self.limit, "done": self.done}
+                    "limit": self.limit, "done": self.done, "dropped": self.dropped}

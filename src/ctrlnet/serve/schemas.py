@@ -2,7 +2,11 @@
 
 Named ``...Request`` / ``...Response`` so that none reads like a library type: a
 ``ControlUnitRequest`` becomes a ``ctrlnet.pipeline.Control`` in ``to_control``, the one place the
-request schema meets the library; the rules a control obeys are ``Control.check()``'s.
+request schema meets the library; the rules a control obeys are ``Control.check()``'s. Numeric
+bounds come from ``ctrlnet.pipeline.ranges`` (the one table the CLI and the Python API check too),
+so the schema documents them and a request outside them is a 422 before anything runs. NaN and
+infinity are refused (``allow_inf_nan=False``): JSON has no such numbers, but Python's parser
+takes ``NaN`` and ``Infinity``.
 """
 
 from typing import Literal, Union
@@ -13,20 +17,29 @@ from pydantic import ConfigDict, Field
 
 from ..images import RESIZE_MODES
 from ..pipeline import Control
+from ..pipeline.ranges import MAX_SEED, RANDOM_SEED, RANGES
 from ..pipeline.sampling import CONTROL_MODES
 
 Param = Union[int, float, str, bool]
 
 
+def bounds(name: str) -> dict:
+    """``RANGES[name]`` as pydantic Field bounds (``ge``/``gt``, ``le``)."""
+    r = RANGES[name]
+    return {"gt" if r.lo_open else "ge": r.lo, "le": r.hi}
+
+
 class ControlUnitRequest(pydantic.BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
     model: str = Field(description="a ControlNet name from GET /api/models")
     image: str | None = Field(None, description="base64 PNG/JPEG/WebP or data URL; multipart: file field imageN")
     annotator: str = Field("", description="detector run on the image first ('' = the image is the condition)")
     params: dict[str, Param] = Field(default_factory=dict, description="annotator parameters")
-    scale: Union[float, list[float]] = Field(1.0, description="weight: one float or one per residual")
-    start: float = Field(0.0, ge=0, le=1)
-    end: float = Field(1.0, ge=0, le=1)
+    # range checked by Control.check (one message for one value or a list)
+    scale: Union[float, list[float]] = Field(1.0, description=f"weight: one float or one per residual, each "
+                                                              f"{RANGES['scale'].describe()}")
+    start: float = Field(0.0, **bounds("start"))
+    end: float = Field(1.0, **bounds("end"))
     # the library's own lists, so the schema offers exactly what Control accepts
     mode: Literal[CONTROL_MODES] = "balanced"
     resize_mode: Literal[RESIZE_MODES] = "crop_and_resize"
@@ -39,16 +52,18 @@ class ControlUnitRequest(pydantic.BaseModel):
 
 
 class GenerateRequest(pydantic.BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
-    steps: int = Field(20, ge=1)
-    guidance: float | None = Field(None, ge=0, le=50, description="default: the base's own")
-    guidance_rescale: float | None = Field(None, ge=0, le=1)
-    seed: int = Field(0, ge=0, lt=2 ** 63)
-    num_images: int = Field(1, ge=1)
-    width: int | None = Field(None, ge=8)
-    height: int | None = Field(None, ge=8)
+    steps: int = Field(20, **bounds("steps"), description="also at most the server's max_steps")
+    guidance: float | None = Field(None, **bounds("guidance"), description="default: the base's own")
+    guidance_rescale: float | None = Field(None, **bounds("guidance_rescale"))
+    seed: int = Field(0, ge=RANDOM_SEED, le=MAX_SEED, description="image i uses seed + i; -1: random (the "
+                                                                   "seeds drawn come back in 'seeds')")
+    num_images: int = Field(1, **bounds("num_images"), description="also at most the server's max_images")
+    width: int | None = Field(None, **bounds("width"), description="default: from the first control image's "
+                                                                    "aspect, within the server's max_side/max_pixels")
+    height: int | None = Field(None, **bounds("height"))
     scheduler: str = "ddim"
     controls: list[ControlUnitRequest] = Field(default_factory=list)
 
@@ -65,7 +80,7 @@ class GenerateResponse(pydantic.BaseModel):
 
 
 class DetectRequest(pydantic.BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image: str | None = Field(None, description="base64 or data URL; multipart: file field 'image'")
     annotator: str
     params: dict[str, Param] = Field(default_factory=dict)
@@ -79,9 +94,13 @@ class DetectResponse(pydantic.BaseModel):
 
 
 def validation_message(e: pydantic.ValidationError, what: str) -> str:
-    """One line naming the first few bad fields (``controls.0.mode: ...``)."""
+    """One line naming the first few bad fields and their values (``steps: Input should be greater
+    than or equal to 1, got 0``); values other than short scalars are not echoed back."""
     parts = []
     for err in e.errors()[:5]:
         loc = ".".join(str(x) for x in err["loc"]) or what
-        parts.append(f"{loc}: {err['msg']}")
+        value = err.get("input")
+        got = f", got {value!r}" if isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 40) \
+            else ""
+        parts.append(f"{loc}: {err['msg']}{got}")
     return f"{what}: " + "; ".join(parts)

@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..annotators import ANNOTATORS, NEEDS, available, get_annotator
 from ..formats import load_controlnet
-from ..images import RESIZE_MODES, png_bytes
+from ..images import RESIZE_MODES, png_bytes, resize_any
 from ..names import is_nano
-from ..pipeline import Control, Pipeline, PromptTruncatedWarning
+from ..pipeline import Control, Pipeline, PromptTruncatedWarning, SlowDtypeWarning
+from ..pipeline.ranges import check_args, check_seed
 from ..pipeline.sampling import CONTROL_MODES
 from ..pipeline.schedulers import SCHEDULERS, scheduler_key
 from ..testbed import bundled_controlnets
@@ -35,10 +36,13 @@ class Server:
 
     def __init__(self, config: ServeConfig, pipeline: Pipeline | None = None):
         self.config = config
+        self.load_warnings: list[str] = []  # what the operator should hear (printed by `ctrlnet serve`)
         if pipeline is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # library chatter is dropped; a slow dtype is kept
                 pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype, compile=config.compile)
+            self.load_warnings = list(dict.fromkeys(str(w.message) for w in caught
+                                                    if issubclass(w.category, SlowDtypeWarning)))
         self.pipe = pipeline
         # every generation runs on this one thread, whichever HTTP thread took the request: CUDA graph
         # trees (compile on a GPU) record one set of graphs per thread, so they are recorded once
@@ -84,11 +88,14 @@ class Server:
 
     # ------------------------------------------------------------------ checks (before queueing)
     # Only what the server adds: its limits, the models it loaded, what it does not offer. The rules
-    # of a control unit itself are Control.check()'s (see controls()).
+    # of a control unit itself are Control.check()'s (see controls()), the ranges of the numbers
+    # pipeline.ranges' (shared with the CLI and the Python API), the ranges of annotator parameters
+    # get_annotator's.
 
     def check_params(self, params: dict, where: str) -> dict:
         """Resolutions within [64, max_side]; other numbers finite and within +-1024 (a kernel size or
-        cluster count from a request must not be able to tie the server up); seeds any 32-bit value."""
+        cluster count from a request must not be able to tie the server up); seeds any 32-bit value.
+        (Types and each annotator's own ranges: get_annotator's, turned into 400s where it is called.)"""
         for key, v in params.items():
             if key in ("detect_resolution", "image_resolution"):
                 if not (isinstance(v, int) and not isinstance(v, bool) and 64 <= v <= self.config.max_side):
@@ -100,6 +107,30 @@ class Server:
                 raise ApiError(400, f"{where}.params.{key}: {v} is out of range (|value| <= 1024)")
         return params
 
+    def fit(self, rgb):
+        """An uploaded image scaled down, aspect kept, to at most ``max_side`` per side and
+        ``max_pixels`` in all: detection and generation then work on no more than that (a 64x65536
+        PNG is a few hundred bytes, and annotating it took minutes and gigabytes)."""
+        c = self.config
+        h, w = rgb.shape[:2]
+        k = min(1.0, c.max_side / max(h, w), math.sqrt(c.max_pixels / (h * w)))
+        return rgb if k >= 1 else resize_any(rgb, max(1, int(w * k)), max(1, int(h * k)))
+
+    def check_resolutions(self, rgb, params: dict, where: str) -> None:
+        """``detect_resolution`` / ``image_resolution`` set an image's short side; with the aspect of
+        ``rgb`` its long side must stay within max_side as well (64x1024 at a short side of 1024
+        would be 1024x16384)."""
+        c = self.config
+        h, w = rgb.shape[:2]
+        for key in ("detect_resolution", "image_resolution"):
+            if key in params:
+                short = params[key]
+                long = round(short * max(h, w) / min(h, w))
+                if long > c.max_side or short * long > c.max_pixels:
+                    raise ApiError(400, f"{where}.params.{key}: {short} on a {w}x{h} image makes a {long}x{short} "
+                                        f"map, over this server's limit of {c.max_side} px per side and "
+                                        f"{c.max_pixels:,} pixels")
+
     def check_generate(self, req: GenerateRequest) -> None:
         c = self.config
         if req.steps > c.max_steps:
@@ -110,6 +141,12 @@ class Server:
             v = getattr(req, key)
             if v is not None and v > c.max_side:
                 raise ApiError(400, f"{key}: {v} is over this server's limit of {c.max_side}")
+        try:  # the ranges the CLI and the Python API check (the schema's bounds come from the same table)
+            check_args(steps=req.steps, num_images=req.num_images, guidance=req.guidance,
+                       guidance_rescale=req.guidance_rescale, width=req.width, height=req.height)
+            check_seed(req.seed, req.num_images)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
         if len(req.controls) > c.max_controls:
             raise ApiError(400, f"controls: {len(req.controls)} units, this server allows {c.max_controls}")
         try:  # the Pipeline's own normaliser: the same spellings are accepted
@@ -125,17 +162,32 @@ class Server:
             self.check_params(u.params, f"controls.{i}")
 
     def controls(self, req: GenerateRequest, images: list) -> list[Control]:
-        """The request's units as Controls with their decoded images, each checked by Control.check()
-        now, so a bad unit is a 400 before it waits in the queue."""
+        """The request's units as Controls with their decoded images (after ``fit``), each checked by
+        Control.check() now, so a bad unit is a 400 before it waits in the queue."""
         out = []
         for i, (unit, image) in enumerate(zip(req.controls, images, strict=True)):
+            self.check_resolutions(image, unit.params, f"controls.{i}")
             control = unit.to_control(image)
             try:
                 control.check()
-            except ValueError as e:
+                self.pipe.controlnets[unit.model].residual_scales(unit.scale)  # one weight, or one per residual
+            except (ValueError, TypeError) as e:  # TypeError: get_annotator given a parameter of the wrong kind
                 raise ApiError(400, f"controls.{i}: {e}") from None
             out.append(control)
         return out
+
+    def sized(self, req: GenerateRequest, images: list) -> GenerateRequest:
+        """``req`` with its width and height resolved as the Pipeline resolves them (missing sides
+        follow the first control image's aspect), within max_side and max_pixels: a size derived
+        from an image is scaled down to fit, aspect kept; one the request gave and that does not
+        fit (after rounding to the model's multiple) is a 400."""
+        c = self.config
+        try:
+            w, h = self.pipe.output_size(req.width, req.height, images[0] if images else None, c.max_side,
+                                         c.max_pixels)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return req.model_copy(update={"width": w, "height": h})
 
     # ------------------------------------------------------------------ work (runs in a worker thread)
 
@@ -143,14 +195,15 @@ class Server:
         t0 = time.perf_counter()
         try:
             fn = get_annotator(annotator, **params)
-            out = fn(rgb)
+            out = fn(rgb)  # rgb: already within the server's caps (fit, check_resolutions)
         except (ValueError, TypeError) as e:
             raise ApiError(400, f"annotator {annotator!r}: {e}") from None
         return {"image": data_url(png_bytes(out)), "width": int(out.shape[1]), "height": int(out.shape[0]),
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def generate(self, req: GenerateRequest, controls: list[Control], on_step=None) -> dict:
-        """Run the Pipeline on the model thread; ``controls`` from ``controls()``."""
+        """Run the Pipeline on the model thread; ``controls`` from ``controls()``, ``req`` from
+        ``sized()`` (so width and height are set)."""
         t0 = time.perf_counter()
 
         def work():  # on the model thread; its warnings are caught there
@@ -168,5 +221,5 @@ class Server:
         w, h = result.images[0].size
         return {"images": [data_url(png_bytes(im, p)) for im, p in zip(result.images, result.parameters)],
                 "conditions": [data_url(png_bytes(m)) for m in result.conditions],
-                "parameters": result.parameters, "seeds": [req.seed + i for i in range(len(result.images))],
+                "parameters": result.parameters, "seeds": result.seeds,
                 "width": w, "height": h, "seconds": round(time.perf_counter() - t0, 3), "warnings": notes}
