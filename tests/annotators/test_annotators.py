@@ -1,5 +1,6 @@
 """Every annotator on images whose right answer is known (ShapesWorld targets and drawn figures)."""
 
+import importlib
 import json
 
 import cv2
@@ -105,5 +106,17 @@ def test_registry_errors():
         get_annotator("hed")
     with pytest.raises(ValueError, match="unknown parameter.*'sigma'"):
         get_annotator("canny", sigma=1)
-    with pytest.raises(ValueError, match="method must be xdog or thick"):
+    with pytest.raises(ValueError, match="method=.pencil. is not one of xdog, thick"):
         get_annotator("scribble", method="pencil")(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_segmentation_of_large_images_fits_on_a_sample(shapes, monkeypatch):
+    """Over FIT_PIXELS pixels k-means sees a sample and every pixel takes its nearest centre (the
+    work stays bounded at 16 MP): the same regions as the fit on all pixels."""
+    seg = importlib.import_module("ctrlnet.annotators.segmentation")  # the package's `segmentation` is the function
+    for target, _, _ in shapes[:3]:
+        full = get_annotator("segmentation")(target)
+        monkeypatch.setattr(seg, "FIT_PIXELS", 2000)  # 128 x 128 = 16384 pixels: sampled
+        sampled = get_annotator("segmentation")(target)
+        monkeypatch.undo()
+        assert (full == sampled).all(axis=-1).mean() > 0.98

@@ -1,8 +1,9 @@
 """Annotators: ``image (H, W, 3) uint8 RGB -> condition map (H, W, 3) uint8``, by name.
 
-    from ctrlnet.annotators import get_annotator
+    from ctrlnet.annotators import condition_for, get_annotator
     edges = get_annotator("canny", low=100, high=200)(image)
     edges = get_annotator("canny", detect_resolution=512)(image)   # detect at 512 px, map back to the input size
+    cond = condition_for("canny", {"low": 100}, photo, 768, 512, "crop_and_resize")  # detected at 768 x 512
 
 Weight-free, one module each: canny, scribble (xdog / thick), softedge, lineart, threshold,
 invert, shuffle, palette, colour_shuffle, tile, segmentation (colour clustering); with the
@@ -10,24 +11,38 @@ invert, shuffle, palette, colour_shuffle, tile, segmentation (colour clustering)
 condition (masked pixels = -1) is made by the pipeline (``Control(annotator="inpaint")``), since
 it needs the mask and is not a uint8 map. Neural detectors (HED, MiDaS, ...) need
 downloaded weights and are not bundled: adding one is one module whose function loads a local
-weight file, plus a line in ``ANNOTATORS``.
+weight file, plus its lines in ``ANNOTATORS`` and ``PARAMS``.
+
+Parameters: each has a declared type and range in ``PARAMS`` (``detect_resolution`` /
+``image_resolution``: integers in [64, 2048]); ``check_params`` enforces them when an annotator
+is bound (``get_annotator``, ``condition_for``, ``ctrlnet annotate``), so every caller - Python,
+CLI, training, server - gets the same ValueError naming the annotator, the parameter, the value
+and the valid range. The upper ends keep one call at 4096 x 4096 within a few seconds.
 
 Resolution (the original apps' ``detect_resolution`` / ``image_resolution``): with
-``detect_resolution=R`` the input is resized so its short side is R (sides rounded to multiples of
-64, like ``resize_image``), the detector runs there, and the map is resized back to the input size,
-or to ``image_resolution`` on the short side, with content-aware interpolation (thin binary lines
-stay thin, few-colour maps stay few-colour).
+``detect_resolution=R`` the input is resized (photo interpolation) so its short side is R (sides
+rounded to multiples of 64, like ``resize_image``), the detector runs there, and the map is
+resized back to the input size, or to ``image_resolution`` on the short side, with content-aware
+interpolation (1-pixel lines are redrawn clean, few-colour maps stay few-colour). A scaled size
+over ``MAX_PIXELS`` (16.8 MP; a 64 x 65536 strip at R = 512 would be 512 x 524288) is a
+ValueError naming the sizes, not a clamp: R keeps its meaning, and the caller picks a smaller one.
+
+Pixel perfect (A1111): ``condition_for`` makes a generation's condition at the generation's size
+by running the detector on the photo already brought to that size by the resize mode, so no binary
+map is resized at all (with ``detect_resolution`` given, the map is resized to the target).
 """
 
 from __future__ import annotations
 
-import inspect
 import importlib.util
-from typing import Callable
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-from ..images import resize_any, to_rgb
+from ..images import resize_any, resize_photo, resize_to, scaled_size, to_rgb
 
 from .canny import canny
 from .colour import colour_shuffle, palette
@@ -50,36 +65,179 @@ ANNOTATORS: dict[str, Callable[..., np.ndarray]] = {
 NEEDS: dict[str, str] = {"openpose": "mediapipe", "openpose_full": "mediapipe"}
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A parameter's type and its valid values: numbers within [low, high] (inclusive), or one of
+    ``choices`` for a string."""
+    kind: type  # int, float, bool or str
+    low: float = 0
+    high: float = 0
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            return "true or false"
+        if self.kind is str:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is int:
+            return f"an integer in [{int(self.low)}, {int(self.high)}]"
+        return f"a number in [{self.low:g}, {self.high:g}]"
+
+    def check(self, value: Any) -> Any:
+        """``value`` as ``kind`` (an integral float is an int; an int is a float), or None when it is
+        not a valid value."""
+        if isinstance(value, np.generic):  # numpy scalars as Python ones (np.bool_ stays a bool)
+            value = value.item()
+        if self.kind is bool:
+            return value if isinstance(value, bool) else None
+        if self.kind is str:
+            return value if isinstance(value, str) and value in self.choices else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if isinstance(value, int) and not self.low <= value <= self.high:
+            return None  # before any float(): 10**400 has no float
+        if not math.isfinite(value):
+            return None
+        if self.kind is int:
+            if value != int(value):
+                return None
+            value = int(value)
+        else:
+            value = float(value)
+        return value if self.low <= value <= self.high else None
+
+
+# Valid ranges. The upper ends keep one call bounded: at 4096 x 4096 (16 MP) each annotator at its
+# maxima runs in a few seconds on 2 CPU cores (blur sigmas set the kernel size; detect_resolution
+# the detector's size). The rest are where a parameter stops meaning anything (Canny's 3x3 Sobel
+# L1 gradient is at most 2040; 16 palette colours for segmentation).
+MAX_RESOLUTION = 2048  # detect_resolution / image_resolution (A1111's slider maximum)
+MAX_PIXELS = 4096 * 4096  # the size a detector runs at, or a map is made at, at most
+RESOLUTION = Spec(int, 64, MAX_RESOLUTION)
+SEED = Spec(int, 0, 2 ** 32 - 1)
+PARAMS: dict[str, dict[str, Spec]] = {
+    "canny": {"low": Spec(int, 0, 2040), "high": Spec(int, 0, 2040)},
+    "scribble": {"method": Spec(str, choices=("xdog", "thick")), "threshold": Spec(int, 0, 510),
+                 "thickness": Spec(int, 1, 64)},
+    "softedge": {"sigma": Spec(float, 0.1, 8), "safe": Spec(bool), "step": Spec(int, 1, 255)},
+    "lineart": {"sigma": Spec(float, 0.1, 4), "k": Spec(float, 1.1, 4), "gain": Spec(float, 0.1, 100),
+                "coarse": Spec(bool)},  # the wider blur is sigma x k (x 2 coarse) <= 32
+    "threshold": {"threshold": Spec(int, 0, 255), "invert": Spec(bool)},
+    "invert": {},
+    "shuffle": {"f": Spec(int, 1, 1024), "seed": SEED},  # f: the flow's noise is made over the image + 2 f a side
+    "palette": {"grid": Spec(int, 1, 4096)},
+    "colour_shuffle": {"seed": SEED},
+    "tile": {"down": Spec(float, 1, 128)},
+    "segmentation": {"k": Spec(int, 1, 16), "min_fraction": Spec(float, 0, 1), "seed": SEED},
+    "openpose": {"hands": Spec(bool), "face": Spec(bool), "min_confidence": Spec(float, 0, 1)},
+    "openpose_full": {"min_confidence": Spec(float, 0, 1)},
+}
+# Pairs that must be ordered (first <= second).
+ORDERED: dict[str, tuple[str, str]] = {"canny": ("low", "high")}
+
+
 def available(name: str) -> bool:
     """Whether annotator ``name`` can run here (its optional package, if any, is installed)."""
     return name in ANNOTATORS and (name not in NEEDS or importlib.util.find_spec(NEEDS[name]) is not None)
 
 
-def _scaled_size(h: int, w: int, short: int, multiple: int = 64) -> tuple[int, int]:
+def check_params(name: str, params: dict) -> dict:
+    """Annotator ``name``'s ``params`` (``detect_resolution`` / ``image_resolution`` included; None =
+    not used) checked against ``PARAMS`` and converted to their types; a ValueError naming the
+    annotator, the parameter, the value and the valid range otherwise. Every caller (Python, CLI,
+    training, server) binds through here."""
+    if name not in ANNOTATORS:
+        raise ValueError(f"unknown annotator {name!r}; available: {', '.join(sorted(ANNOTATORS))}")
+    specs = PARAMS[name] | {"detect_resolution": RESOLUTION, "image_resolution": RESOLUTION}
+    unknown = sorted(set(params) - set(specs))
+    if unknown:
+        raise ValueError(f"annotator {name!r}: unknown parameter(s) {unknown}; it accepts {sorted(specs)}")
+    out = {}
+    for key, value in params.items():
+        if value is None and key in ("detect_resolution", "image_resolution"):
+            continue
+        checked = specs[key].check(value)
+        if checked is None:
+            raise ValueError(f"annotator {name!r}: {key}={value!r} is not {specs[key].describe()}")
+        out[key] = checked
+    if name in ORDERED:
+        a, b = ORDERED[name]
+        values = resolved_params(name, {}) | out
+        if values[a] > values[b]:
+            raise ValueError(f"annotator {name!r}: need {a} <= {b}, got {a}={values[a]}, {b}={values[b]}")
+    return out
+
+
+def resolved_params(name: str, params: dict) -> dict:
+    """Every parameter of annotator ``name``: ``params`` checked, the rest at their defaults (and
+    the resolutions when given) - what made a map, e.g. to record beside it."""
+    defaults = {p.name: p.default for p in inspect.signature(ANNOTATORS[name]).parameters.values()
+                if p.name != "image"}
+    return defaults | (check_params(name, params) if params else {})
+
+
+def _scaled_size(h: int, w: int, short: int, name: str, key: str, multiple: int = 64) -> tuple[int, int]:
+    """(height, width) with the short side at ``short``, sides rounded to ``multiple``; a
+    ValueError when that is over ``MAX_PIXELS`` (a 64 x 65536 strip at 512 would be 512 x 524288)."""
     k = short / min(h, w)
-    return max(multiple, int(round(h * k / multiple)) * multiple), max(multiple, int(round(w * k / multiple)) * multiple)
+    sh = max(multiple, int(round(h * k / multiple)) * multiple)
+    sw = max(multiple, int(round(w * k / multiple)) * multiple)
+    if sh * sw > MAX_PIXELS:
+        raise ValueError(f"annotator {name!r}: {key}={short} would scale the {w}x{h} image to {sw}x{sh} "
+                         f"({sh * sw / 1e6:.0f} MP), over the limit of {MAX_PIXELS / 1e6:.1f} MP; use a smaller "
+                         f"{key} or crop the image to a less extreme aspect")
+    return sh, sw
+
+
+def _detect(name: str, params: dict, image: np.ndarray) -> np.ndarray:
+    """The map of (H, W, 3) uint8 ``image`` at its own size, or with ``detect_resolution`` at that
+    size (the photo resized with photo interpolation); ``params`` as ``check_params`` returns them."""
+    params = dict(params)
+    resolution = params.pop("detect_resolution", None)
+    params.pop("image_resolution", None)
+    if resolution is not None:
+        dh, dw = _scaled_size(image.shape[0], image.shape[1], resolution, name, "detect_resolution")
+        image = resize_photo(image, dw, dh)
+    return ANNOTATORS[name](image, **params)
 
 
 def get_annotator(name: str, detect_resolution: int | None = None, image_resolution: int | None = None,
                   **params) -> Callable[[np.ndarray], np.ndarray]:
-    """The annotator ``name`` with ``params`` bound; a clear error for unknown names or parameters."""
-    if name not in ANNOTATORS:
-        raise ValueError(f"unknown annotator {name!r}; available: {', '.join(sorted(ANNOTATORS))}")
-    fn = ANNOTATORS[name]
-    accepted = set(inspect.signature(fn).parameters) - {"image"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ValueError(f"annotator {name!r}: unknown parameter(s) {unknown}; it accepts "
-                         f"{sorted(accepted | {'detect_resolution', 'image_resolution'})}")
+    """The annotator ``name`` with ``params`` bound; a ValueError for unknown names or parameters
+    and for values out of their range (``PARAMS``)."""
+    params = check_params(name, params | {"detect_resolution": detect_resolution,
+                                          "image_resolution": image_resolution})
 
     def annotate(image: np.ndarray) -> np.ndarray:
         image = to_rgb(image)
         h, w = image.shape[:2]
-        x = image
-        if detect_resolution:
-            dh, dw = _scaled_size(h, w, detect_resolution)
-            x = resize_any(image, dw, dh)
-        out = fn(x, **params)
-        th, tw = (h, w) if not image_resolution else _scaled_size(h, w, image_resolution)
-        return resize_any(out, tw, th) if out.shape[:2] != (th, tw) else out
+        out = _detect(name, params, image)
+        resolution = params.get("image_resolution")
+        th, tw = (h, w) if resolution is None else _scaled_size(h, w, resolution, name, "image_resolution")
+        return resize_any(out, tw, th)
     return annotate
+
+
+def condition_for(name: str, params: dict, image: Any, width: int, height: int,
+                  resize_mode: str = "crop_and_resize") -> np.ndarray:
+    """The (height, width, 3) uint8 condition map annotator ``name`` makes from ``image`` (a photo:
+    array or PIL image) for a generation of that size - A1111's "pixel perfect": the photo is
+    brought to (height, width) by ``resize_mode`` with photo interpolation and the detector runs
+    there, so no map is resized (a resized binary map is never as clean as one detected at its
+    size). ``resize_and_fill`` detects on the fitted photo and pads the map with its border's
+    median colour (a padded photo would show an edge where the padding starts). With
+    ``detect_resolution`` in ``params`` the detector runs at that resolution and its map is resized
+    to the target by ``resize_mode`` (content-aware); ``image_resolution`` has no effect here."""
+    params = check_params(name, dict(params))
+    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if not (whole(width) and whole(height) and width > 0 and height > 0 and width * height <= MAX_PIXELS):
+        raise ValueError(f"annotator {name!r}: the target {width}x{height} must be positive and at most "
+                         f"{MAX_PIXELS / 1e6:.1f} MP")
+    width, height = int(width), int(height)
+    rgb = to_rgb(image)
+    if params.get("detect_resolution") is not None:
+        return resize_to(_detect(name, params, rgb), width, height, resize_mode)
+    if resize_mode == "resize_and_fill":
+        nh, nw = scaled_size(rgb.shape[0], rgb.shape[1], width, height, resize_mode)
+        return resize_to(_detect(name, params, resize_photo(rgb, nw, nh)), width, height, resize_mode)
+    return _detect(name, params, resize_to(rgb, width, height, resize_mode, resize_photo))

@@ -2,8 +2,11 @@
 optionally writing a training-ready data set.
 
 - Inputs: image files and folders (searched recursively for .png/.jpg/.jpeg/.webp/.bmp/.tif/.tiff).
-- Output: ``OUT/<path relative to its input folder>.png``; an existing output newer than its input
-  is skipped (rerun the command to finish an interrupted batch).
+- Output: ``OUT/<path relative to its input folder>.png``, upright (EXIF orientation applied), with
+  the annotator and every parameter that made it (defaults included) as JSON in its
+  ``ctrlnet-annotator`` PNG text chunk. An existing output newer than its input and made the same
+  way is skipped (rerun the command to finish an interrupted batch); one made by another annotator
+  or other parameters (or by a version that recorded none) is redone; ``force=True`` redoes all.
 - Bad files (undecodable, empty, too many pixels) do not stop the batch: they are listed at the end.
 - ``dataset="fill50k"`` writes ``OUT/prompt.json`` (``{"source", "target", "prompt"}``),
   ``dataset="imagefolder"`` writes ``OUT/metadata.jsonl`` (``file_name``, ``conditioning_image``,
@@ -21,15 +24,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from ..images import ImageError, load_image
-from . import get_annotator
+from ..images import ImageError, load_image, png_bytes, png_text
+from . import get_annotator, resolved_params
 from .pose import detect_people, draw_openpose, openpose_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+RECORD_KEY = "ctrlnet-annotator"  # the PNG text chunk saying what made a map
 
 
 @dataclass
@@ -41,7 +43,8 @@ class Job:
 @dataclass
 class Report:
     written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)  # already done
+    skipped: list[Path] = field(default_factory=list)  # already done, the same way
+    replaced: list[Path] = field(default_factory=list)  # written over an output made another way (or forced)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     dataset: Path | None = None
 
@@ -64,31 +67,52 @@ def collect(inputs: list[str | Path]) -> list[Job]:
     return jobs
 
 
+def record(name: str, params: dict) -> str:
+    """What makes a map, as the JSON kept in its ``RECORD_KEY`` text chunk: the annotator and all
+    its parameters, defaults included (``low=100`` and no ``low`` make the same canny maps)."""
+    return json.dumps({"annotator": name, "params": resolved_params(name, params)}, sort_keys=True)
+
+
+def _keypoints(name: str, params: dict) -> bool:
+    """Whether the pose keypoints JSON is written beside the map (not with a resolution given,
+    which only the map honours)."""
+    return name in ("openpose", "openpose_full") and not {"detect_resolution", "image_resolution"} & set(params)
+
+
+def _done(target: Path, source: Path, name: str, params: dict, made_by: str) -> bool:
+    """Whether ``target`` is a finished output of ``source`` made by this annotator and parameters."""
+    if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
+        return False
+    if _keypoints(name, params) and not target.with_suffix(".json").is_file():
+        return False
+    return png_text(target).get(RECORD_KEY) == made_by
+
+
 def _run_one(args) -> tuple[str, str | None]:
     """Worker: annotate one file. Returns (output path, error or None)."""
     name, params, source, target = args
     try:
-        image = load_image(source)
+        image = load_image(source)  # upright: EXIF orientation applied
         annotator = get_annotator(name, **params)  # unknown names / parameters fail here
         keys = None
-        if name in ("openpose", "openpose_full") and not {"detect_resolution", "image_resolution"} & set(params):
+        if _keypoints(name, params):
             # one detection for both the map and the keypoints, in OpenPose's JSON layout
-            full = name == "openpose_full"
-            people = detect_people(image, hands=params.get("hands", full), face=params.get("face", full),
-                                   min_confidence=params.get("min_confidence", 0.5))
+            full, values = name == "openpose_full", resolved_params(name, params)
+            people = detect_people(image, hands=values.get("hands", full), face=values.get("face", full),
+                                   min_confidence=values["min_confidence"])
             out = draw_openpose(image.shape[0], image.shape[1], people)
             keys = openpose_json(people, image.shape[0], image.shape[1])
         else:
             out = annotator(image)
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        Image.fromarray(np.ascontiguousarray(out)).save(tmp, format="PNG")
-        os.replace(tmp, target)  # never a half-written map under the final name
-        if keys is not None:
+        if keys is not None:  # the keypoints first: a map under its final name means both are there
             tmp = target.with_name(target.stem + ".json.tmp")
             tmp.write_text(json.dumps(keys))
             os.replace(tmp, target.with_suffix(".json"))
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(png_bytes(out, text={RECORD_KEY: record(name, params)}))
+        os.replace(tmp, target)  # never a half-written map under the final name
         return str(target), None
     except (ImageError, ValueError, OSError) as e:
         return str(target), str(e)
@@ -124,10 +148,12 @@ def caption_for(job: Job, captions: dict[str, str] | None) -> str | None:
 
 
 def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict | None = None, workers: int = 1,
-             dataset: str = "", captions: str | Path | None = None, progress: bool = True) -> Report:
-    """Annotate every input image into ``out``; see the module docstring."""
+             dataset: str = "", captions: str | Path | None = None, progress: bool = True,
+             force: bool = False) -> Report:
+    """Annotate every input image into ``out``; see the module docstring. ``force``: redo outputs
+    that are already done."""
     params = params or {}
-    get_annotator(name, **params)  # unknown annotator / parameters: fail before any work
+    made_by = record(name, params)  # unknown annotator / parameters, values out of range: fail before any work
     if dataset not in ("", "fill50k", "imagefolder"):
         raise ValueError(f"dataset must be fill50k or imagefolder, got {dataset!r}")
     out = Path(out)
@@ -135,12 +161,15 @@ def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict 
     caption_map = read_captions(Path(captions)) if captions else None
     report = Report()
     todo = []
+    replacing = set()
     for j in jobs:
         target = out / j.rel
-        if target.is_file() and target.stat().st_mtime >= j.source.stat().st_mtime:
+        if not force and _done(target, j.source, name, params, made_by):
             report.skipped.append(target)
         else:
             todo.append(j)
+            if target.is_file():
+                replacing.add(target)
     bar = tqdm(total=len(todo), desc=f"annotate {name}", unit="img", disable=not progress)
     args = [(name, params, str(j.source), str(out / j.rel)) for j in todo]
     results = []
@@ -159,6 +188,8 @@ def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict 
             report.failed.append((j.source, error))
         else:
             report.written.append(Path(target))
+            if Path(target) in replacing:
+                report.replaced.append(Path(target))
     if dataset:
         failed = {s for s, _ in report.failed}
         rows = []
