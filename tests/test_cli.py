@@ -119,3 +119,24 @@ def test_inspect_takes_bundled_names_and_names_a_base_model():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{NANO_SD}: a base model folder" in r.stderr and "not a ControlNet" in r.stderr, r.stderr
     assert r.stderr.count(str(NANO_SD)) == 1 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_annotate_reruns_redo_on_new_parameters_and_force(tmp_path):
+    """`ctrlnet annotate` twice with the same parameters skips; other parameters or --force redo."""
+    from PIL import Image
+    from ctrlnet.testbed.shapes import render, sample_layout
+    Image.fromarray(render(sample_layout(0, seed=3, size=128), 128)["target"]).save(tmp_path / "a.png")
+    out = tmp_path / "maps"
+    first = run("annotate", "--annotator", "canny", str(tmp_path / "a.png"), "--out", str(out), "--workers", "1")
+    assert first.returncode == 0 and "1 written" in first.stdout, first.stdout + first.stderr
+    before = (out / "a.png").read_bytes()
+    same = run("annotate", "--annotator", "canny", "--param", "low=100", str(tmp_path / "a.png"), "--out", str(out),
+               "--workers", "1")  # the default spelled out: the same parameters
+    assert "0 written" in same.stdout and "1 already done" in same.stdout, same.stdout
+    other = run("annotate", "--annotator", "canny", "--param", "low=20", "--param", "high=60", str(tmp_path / "a.png"),
+                "--out", str(out), "--workers", "1")
+    assert "1 written (1 redone" in other.stdout, other.stdout
+    assert (out / "a.png").read_bytes() != before  # lower thresholds: more edges
+    forced = run("annotate", "--annotator", "canny", "--param", "low=20", "--param", "high=60", "--force",
+                 str(tmp_path / "a.png"), "--out", str(out), "--workers", "1")
+    assert "1 written (1 redone" in forced.stdout, forced.stdout

@@ -104,3 +104,25 @@ def test_single_file_needs_no_tokenizer_argument(tmp_path, family, pads):
     assert ids[0, :7].tolist() == REFERENCE["a photo of a cat"]
     with torch.no_grad():
         assert torch.isfinite(base.text_encoder(ids).last_hidden_state).all()
+
+
+def test_cli_generate_with_a_single_file_and_no_tokenizer(tmp_path, monkeypatch, capsys):
+    """`ctrlnet generate --base model.safetensors`, nothing else: the A1111 / ComfyUI user's case.
+    The shipped SD configs are swapped for the tiny architecture's (a real SD1.5 is 4 GB); the
+    tokenizer is the shipped one."""
+    import ctrlnet.base
+    from ctrlnet import cli
+    path, config_dir = real_vocab_single_file(tmp_path, "sd15")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copytree(config_dir, configs / "sd15")
+    monkeypatch.setattr(ctrlnet.base, "CONFIGS_DIR", configs)
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
+    out = tmp_path / "out.png"
+    cli.main(["generate", "--base", str(path), "--prompt", "a photo of a cat", "--steps", "1", "--width", "64",
+              "--height", "64", "--out", str(out)])
+    assert out.is_file()
+    capsys.readouterr()
+    code = cli.main(["generate", "--base", str(path), "--tokenizer", str(tmp_path / "nope"), "--prompt", "x",
+                     "--steps", "1", "--out", str(out)])
+    assert code != 0 and "nope: no such tokenizer folder" in capsys.readouterr().err

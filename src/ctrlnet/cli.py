@@ -186,6 +186,7 @@ def cmd_generate(args) -> None:
     out_paths, grid_path = output_paths(Path(args.out), args.num_images)  # a bad --out fails before any work
     with shown_warnings("generate"):  # printed before the generation starts (it may be slow, as they say)
         pipe = Pipeline.from_pretrained(args.base, controlnets=[c.model for c in controls], dtype=args.dtype,
+                                        tokenizer=args.tokenizer,
                                         packed_weights=False if args.no_packed_weights else None,
                                         compile=args.compile)
     with shown_warnings("generate"):
@@ -231,8 +232,10 @@ def parse_params(items: list[str]) -> dict:
 
 def cmd_annotate(args) -> int:
     report = annotate(args.annotator, args.inputs, args.out, parse_params(args.param), workers=args.workers,
-                      dataset=args.dataset, captions=args.captions)
-    print(f"annotate {args.annotator}: {len(report.written)} written, {len(report.skipped)} already done, "
+                      dataset=args.dataset, captions=args.captions, force=args.force)
+    replaced = f" ({len(report.replaced)} redone: made by another annotator or other parameters)" \
+        if report.replaced else ""
+    print(f"annotate {args.annotator}: {len(report.written)} written{replaced}, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed -> {args.out}")
     if report.dataset:
         print(f"data set: {report.dataset}")
@@ -248,7 +251,7 @@ def cmd_eval(args) -> None:
                       seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                       guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, dtype=args.dtype,
                       baseline=not args.no_baseline, split_objects=args.split_objects, regions=args.regions,
-                      compile=args.compile)
+                      compile=args.compile, tokenizer=args.tokenizer)
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'} ({report['seconds']} s)")
 
@@ -266,7 +269,11 @@ def cmd_serve(args) -> None:
     serve(ServeConfig(host=args.host, port=args.port, base=args.base, controlnets=nets, dtype=args.dtype,
                       queue=args.queue, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                       max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-                      compile=args.compile))
+                      compile=args.compile, tokenizer=args.tokenizer))
+
+
+TOKENIZER_HELP = ("a single-file base's tokenizer folder (vocab.json + merges.txt, or tokenizer.json); default: "
+                  "the CLIP tokenizer shipped with ctrlnet")
 
 
 class Parser(argparse.ArgumentParser):
@@ -321,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--base", default="nano", help="nano (bundled), a diffusers folder or a single-file checkpoint")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help=TOKENIZER_HELP)
     p.add_argument("--control", action="append", default=[], metavar="model=M,image=P[,annotator=A][,scale=S]"
                    "[,start=A][,end=B][,mode=balanced|prompt|control][,resize=crop_and_resize|just_resize|"
                    "resize_and_fill]", help="a control unit (repeatable: several ControlNets, residuals summed): "
@@ -372,10 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="", choices=["", "fill50k", "imagefolder"],
                    help="also write a training set: prompt.json (fill50k) or metadata.jsonl (imagefolder)")
     p.add_argument("--captions", default=None, help="CSV (file_name,text) or JSONL captions; default: .txt sidecars")
+    p.add_argument("--force", action="store_true",
+                   help="redo every output (by default only those missing, older than their input, or made by "
+                        "another annotator or other parameters are made)")
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("eval", help="score how well generated images follow their conditions (JSON/Markdown report)")
     p.add_argument("--base", default="nano")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help=TOKENIZER_HELP)
     p.add_argument("--control", action="append", required=True,
                    metavar="model=M[,annotator=A][,condition=COLUMN][,scale=S][,start=A][,end=B][,mode=M]",
                    help="a ControlNet to evaluate, with generate's --control keys but image= (the condition "
@@ -403,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=in_range(Range(0, 65535, integer=True)), default=7860, help="0: any free port")
     p.add_argument("--base", default="nano", help="base model: nano, a diffusers folder or a single file")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help=TOKENIZER_HELP)
     p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
                    help="a ControlNet file/folder to offer (repeatable); with base nano the bundled nets are offered too")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))

@@ -111,9 +111,13 @@ def test_queue_runs_one_at_a_time_and_frees_places_after():
     ({"controls": [{"model": "../nano-sd"}]}, ["controls.0.model", "unknown ControlNet", "nano-canny"]),
     ({"controls": [{"model": "nano-canny"}] * 5}, ["controls: 5 units"]),
     ({"controls": [{"model": "nano-canny", "annotator": "inpaint"}]}, ["controls.0.annotator", "inpaint"]),
-    ({"controls": [{"model": "nano-canny", "params": {"detect_resolution": 5000}}]},
-     ["controls.0.params.detect_resolution"]),
-    ({"controls": [{"model": "nano-canny", "params": {"k": 1e9}}]}, ["controls.0.params.k", "out of range"]),
+    ({"controls": [{"model": "nano-canny", "annotator": "canny", "params": {"detect_resolution": 5000}}]},
+     ["controls.0", "detect_resolution=5000 is not an integer in [64, 2048]"]),
+    ({"controls": [{"model": "nano-canny", "annotator": "canny", "params": {"detect_resolution": 2048}}]},
+     ["controls.0.params.detect_resolution: must be an integer in [64, 1024]"]),  # this server's max_side
+    ({"controls": [{"model": "nano-canny", "annotator": "segmentation", "params": {"k": 1e9}}]},
+     ["controls.0", "annotator 'segmentation': k=1000000000.0 is not an integer in [1, 16]"]),
+    ({"controls": [{"model": "nano-canny", "params": {"low": 5}}]}, ["controls.0", "parameters", "no annotator"]),
 ])
 def test_check_generate_refuses(local, fields, words):
     with pytest.raises(ApiError) as e:

@@ -96,4 +96,6 @@ def test_cli_and_bad_arguments(tmp_path):
     from ctrlnet.cli import main
     assert main(["data", "shapes", "--n", "3", "--out", str(tmp_path / "s"), "--size", "64", "--workers", "1"]) == 0
     assert len((tmp_path / "s" / "prompt.json").read_text().splitlines()) == 3
-    assert main(["data", "shapes", "--n", "0", "--out", str(tmp_path / "z")]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse's range check: one line, exit code 2
+        main(["data", "shapes", "--n", "0", "--out", str(tmp_path / "z")])
+    assert e.value.code == 2

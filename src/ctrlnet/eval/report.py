@@ -163,7 +163,8 @@ def score_image(image: np.ndarray, sample: dict, controls: list[Control], condit
 def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Path, n: int = 200,
              seeds: int = 1, steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
              scheduler: str = "ddim", dtype: str = "fp32", baseline: bool = True, split_objects: bool = False,
-             progress: bool = True, batch: int = 16, regions: bool = False, compile: bool | dict = False) -> dict:
+             progress: bool = True, batch: int = 16, regions: bool = False, compile: bool | dict = False,
+             tokenizer: str | Path | None = None) -> dict:
     """Generate, score and write the report; returns the report dict (also ``out/report.json``).
     ``controls``: each unit's model, annotator (with its parameters), scale, start/end and mode act as
     in generation; its condition comes from ``condition_for`` (``image``: a metadata column or None).
@@ -182,7 +183,7 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
         if not samples:
             raise ValueError(f"eval: split_objects needs ShapesWorld samples with >= {len(controls)} objects")
     variants = expand_models(controls)
-    pipe = Pipeline.from_pretrained(base, dtype=dtype, compile=compile)
+    pipe = Pipeline.from_pretrained(base, dtype=dtype, compile=compile, tokenizer=tokenizer)
     size = samples[0]["target"].shape[0]
     conditions = []  # per sample: one map per control
     for s in samples:

@@ -28,7 +28,7 @@ from PIL import Image
 import torch._inductor.config as inductor_config
 from tqdm.auto import tqdm
 
-from ..annotators import get_annotator
+from ..annotators import condition_for, get_annotator
 from ..base import LockedBase, load_base
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, as_rgb, resize_plain, resize_to, round_size
@@ -82,6 +82,9 @@ class Control:
             raise ValueError(f"{where}: no image given")
         if self.annotator and self.annotator != "inpaint":
             get_annotator(self.annotator, **self.annotator_params)  # unknown names/parameters fail here, early
+        elif self.annotator_params:  # they would be ignored: say so instead
+            raise ValueError(f"{where}: annotator parameters {sorted(self.annotator_params)} given but no annotator "
+                             "(add annotator=NAME)")
 
     @property
     def per_prompt(self) -> bool:
@@ -211,8 +214,9 @@ class Pipeline:
     def from_pretrained(cls, base: str | Path | LockedBase = "nano", controlnets: Sequence[Any] = (),
                         dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
                         channels_last: bool = False, packed_weights: bool | None = None,
-                        compile: bool | dict = False) -> "Pipeline":
-        """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint; ``controlnets``:
+                        compile: bool | dict = False, tokenizer: str | Path | None = None) -> "Pipeline":
+        """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint (``tokenizer``: a
+        tokenizer folder to use instead of the shipped CLIP one, see ``load_base``); ``controlnets``:
         names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute);
         ``packed_weights``, ``compile``: see ``__init__``."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -225,7 +229,8 @@ class Pipeline:
         if torch_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
                           "fp32; use --dtype fp32", SlowDtypeWarning, stacklevel=2)
-        base_model = base if isinstance(base, LockedBase) else load_base(base)
+        # loaded straight in the dtype asked for: an fp16 file run in bf16 never makes an fp32 copy
+        base_model = base if isinstance(base, LockedBase) else load_base(base, dtype=torch_dtype, tokenizer=tokenizer)
         pipe = cls(base_model.to(device, torch_dtype), dtype=torch_dtype,
                    name=NANO if is_nano(base) else "", channels_last=channels_last,
                    packed_weights=packed_weights, compile=compile)
@@ -350,8 +355,9 @@ class Pipeline:
             cond = resize_to(source, width, height, control.resize_mode).astype(np.float32) / 255.0
             cond[mask > 0.5] = -1.0  # the inpaint ControlNet's marker for pixels to repaint
             return cond
-        if control.annotator:
-            rgb = get_annotator(control.annotator, **control.annotator_params)(rgb)
+        if control.annotator:  # "pixel perfect": the photo is brought to the output size, then annotated
+            return condition_for(control.annotator, control.annotator_params, rgb, width, height,
+                                 control.resize_mode).astype(np.float32) / 255.0
         return resize_to(rgb, width, height, control.resize_mode).astype(np.float32) / 255.0
 
     def prepare_controls(self, controls: Sequence[Control], decoded: list[list[np.ndarray | None]], width: int,

@@ -192,7 +192,7 @@ async def progress(request: Request) -> dict:
 async def detect(request: Request) -> dict:
     server = server_of(request)
     req, uploads = await read_request(request, DetectRequest)
-    params = server.check_params(dict(req.params), "detect")
+    params = server.check_params(req.annotator, dict(req.params), "detect")
     rgb = server.fit(image_of(req.image, uploads.get("image"), "image", server.config.max_pixels))
     server.check_resolutions(rgb, params, "detect")
     return await run_queued(request, server.detection, 1, lambda q: server.detect(rgb, req.annotator, params))

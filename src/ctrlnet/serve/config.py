@@ -12,6 +12,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     base: str = "nano"
+    tokenizer: str | None = None  # a single-file base's tokenizer folder (default: the shipped CLIP one)
     # name -> path (file or folder); the bundled nano nets are added when the base is nano
     controlnets: dict[str, str] = field(default_factory=dict)
     dtype: str = "fp32"

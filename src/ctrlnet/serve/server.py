@@ -8,7 +8,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from ..annotators import ANNOTATORS, NEEDS, available, get_annotator
+from ..annotators import ANNOTATORS, NEEDS, available, check_params, get_annotator
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, png_bytes, resize_any
 from ..names import is_nano
@@ -40,7 +40,8 @@ class Server:
         if pipeline is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")  # library chatter is dropped; a slow dtype is kept
-                pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype, compile=config.compile)
+                pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype, compile=config.compile,
+                                                    tokenizer=config.tokenizer)
             self.load_warnings = list(dict.fromkeys(str(w.message) for w in caught
                                                     if issubclass(w.category, SlowDtypeWarning)))
         self.pipe = pipeline
@@ -92,19 +93,21 @@ class Server:
     # pipeline.ranges' (shared with the CLI and the Python API), the ranges of annotator parameters
     # get_annotator's.
 
-    def check_params(self, params: dict, where: str) -> dict:
-        """Resolutions within [64, max_side]; other numbers finite and within +-1024 (a kernel size or
-        cluster count from a request must not be able to tie the server up); seeds any 32-bit value.
-        (Types and each annotator's own ranges: get_annotator's, turned into 400s where it is called.)"""
+    def check_params(self, annotator: str | None, params: dict, where: str) -> dict:
+        """Every parameter within its annotator's declared range (``annotators.PARAMS``, whose upper
+        ends keep one call on a 16 MP image within seconds), resolutions within this server's
+        ``max_side`` too; parameters without an annotator are refused, not ignored."""
+        if params and not annotator:
+            raise ApiError(400, f"{where}: annotator parameters {sorted(params)} given but no annotator")
+        if annotator and annotator != "inpaint":
+            try:
+                check_params(annotator, params)
+            except (ValueError, TypeError) as e:
+                raise ApiError(400, f"{where}: {e}") from None
         for key, v in params.items():
             if key in ("detect_resolution", "image_resolution"):
                 if not (isinstance(v, int) and not isinstance(v, bool) and 64 <= v <= self.config.max_side):
                     raise ApiError(400, f"{where}.params.{key}: must be an integer in [64, {self.config.max_side}]")
-            elif key == "seed":
-                if not (isinstance(v, int) and 0 <= v < 2 ** 32):
-                    raise ApiError(400, f"{where}.params.seed: must be an integer in [0, 2**32)")
-            elif isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and abs(v) <= 1024):
-                raise ApiError(400, f"{where}.params.{key}: {v} is out of range (|value| <= 1024)")
         return params
 
     def fit(self, rgb):
@@ -159,7 +162,7 @@ class Server:
                                     f"{', '.join(self.pipe.controlnets) or 'none'}")
             if u.annotator == "inpaint":  # needs an init image and a mask, which the API does not take
                 raise ApiError(400, f"controls.{i}.annotator: inpaint is not offered by the server")
-            self.check_params(u.params, f"controls.{i}")
+            self.check_params(u.annotator, u.params, f"controls.{i}")
 
     def controls(self, req: GenerateRequest, images: list) -> list[Control]:
         """The request's units as Controls with their decoded images (after ``fit``), each checked by
@@ -196,8 +199,9 @@ class Server:
         try:
             fn = get_annotator(annotator, **params)
             out = fn(rgb)  # rgb: already within the server's caps (fit, check_resolutions)
-        except (ValueError, TypeError) as e:
-            raise ApiError(400, f"annotator {annotator!r}: {e}") from None
+        except (ValueError, TypeError) as e:  # the annotators' own errors name the annotator; say it once
+            message = str(e) if repr(annotator) in str(e) else f"annotator {annotator!r}: {e}"
+            raise ApiError(400, message) from None
         return {"image": data_url(png_bytes(out)), "width": int(out.shape[1]), "height": int(out.shape[0]),
                 "seconds": round(time.perf_counter() - t0, 3)}
 
