@@ -11,7 +11,8 @@ fresh Python process with ``ctrlnet.load_base(path)`` (fp32 result, as the CLI's
 prints the wall time of the call and the process's peak RSS (``ru_maxrss``; the RSS after the
 imports is reported apart), then "ready": the same once every weight has been read (summed once:
 safetensors maps files, so a load alone may not have read the weights yet). Layouts are interleaved round by round with ``--repeat``; the median is given.
-``--compare SRC`` measures another version of ctrlnet (its ``src``, e.g. a ``git worktree`` of an
+Every file is read once first, so that all layouts load from the page cache (the disk is not
+what is compared; 24 GiB of RAM hold the three). ``--compare SRC`` measures another version of ctrlnet (its ``src``, e.g. a ``git worktree`` of an
 earlier commit) alternately with this one; versions before the shipped tokenizer need
 ``--tokenizer src/ctrlnet/configs/clip-bpe``.
 """
@@ -93,6 +94,11 @@ def measure(folder: Path, repeat: int, tokenizer: str | None, compare: str | Non
     the two versions alternate within each round."""
     import os
     versions = [("this", None)] + ([("compare", compare)] if compare else [])
+    for f in sorted(folder.rglob("*")):  # page cache warm for every layout alike: loads, not the disk, are timed
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(1 << 26):
+                    pass
     rows: dict[tuple[str, str], list[dict]] = {(v, k): [] for v, _ in versions for k in LAYOUTS}
     for _ in range(repeat):
         for layout in LAYOUTS:
