@@ -238,3 +238,16 @@ def test_no_checkpoint_with_a_non_finite_ema(make_config):
     assert [s for s, _ in checkpoint_dirs(ckpts)] == [1, 2]
     tensors, _ = read_checkpoint(latest_checkpoint(ckpts))
     assert all(torch.isfinite(v).all() for v in unflat("ema", tensors).values())
+
+
+def test_a_refused_resume_moves_no_checkpoint(straight_run, tmp_path):
+    """A config change refused on resume stops before the damaged newer folder is set aside: a
+    refused command leaves the disk as it found it."""
+    from ctrlnet.training.config import ConfigError
+    cfg, _ = copy_of_run(straight_run, tmp_path)
+    ckpts = Path(cfg.output_dir) / "checkpoints"
+    DAMAGE["truncated"][0](ckpts / "step-000006")
+    before = sorted(p.name for p in ckpts.iterdir())
+    with pytest.raises(ConfigError, match="cannot change on resume: seed"):
+        Trainer(type(cfg)(**{**cfg.to_dict(), "seed": cfg.seed + 1}), progress=False, resume="latest")
+    assert sorted(p.name for p in ckpts.iterdir()) == before and "step-000006" in before

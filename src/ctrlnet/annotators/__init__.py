@@ -176,7 +176,7 @@ def resolved_params(name: str, params: dict) -> dict:
     return defaults | (check_params(name, params) if params else {})
 
 
-def _scaled_size(h: int, w: int, short: int, name: str, key: str, multiple: int = 64) -> tuple[int, int]:
+def resolution_size(h: int, w: int, short: int, name: str, key: str, multiple: int = 64) -> tuple[int, int]:
     """(height, width) with the short side at ``short``, sides rounded to ``multiple``; a
     ValueError when that is over ``MAX_PIXELS`` (a 64 x 65536 strip at 512 would be 512 x 524288)."""
     k = short / min(h, w)
@@ -196,7 +196,7 @@ def _detect(name: str, params: dict, image: np.ndarray) -> np.ndarray:
     resolution = params.pop("detect_resolution", None)
     params.pop("image_resolution", None)
     if resolution is not None:
-        dh, dw = _scaled_size(image.shape[0], image.shape[1], resolution, name, "detect_resolution")
+        dh, dw = resolution_size(image.shape[0], image.shape[1], resolution, name, "detect_resolution")
         image = resize_photo(image, dw, dh)
     return ANNOTATORS[name](image, **params)
 
@@ -213,7 +213,7 @@ def get_annotator(name: str, detect_resolution: int | None = None, image_resolut
         h, w = image.shape[:2]
         out = _detect(name, params, image)
         resolution = params.get("image_resolution")
-        th, tw = (h, w) if resolution is None else _scaled_size(h, w, resolution, name, "image_resolution")
+        th, tw = (h, w) if resolution is None else resolution_size(h, w, resolution, name, "image_resolution")
         return resize_any(out, tw, th)
     return annotate
 

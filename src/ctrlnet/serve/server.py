@@ -8,7 +8,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from ..annotators import ANNOTATORS, NEEDS, available, check_params, get_annotator
+from ..annotators import ANNOTATORS, NEEDS, available, check_params, get_annotator, resolution_size
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, png_bytes, resize_any
 from ..names import is_nano
@@ -122,15 +122,18 @@ class Server:
     def check_resolutions(self, rgb, params: dict, where: str) -> None:
         """``detect_resolution`` / ``image_resolution`` set an image's short side; with the aspect of
         ``rgb`` its long side must stay within max_side as well (64x1024 at a short side of 1024
-        would be 1024x16384)."""
+        would be 1024x16384). The size is the annotators' own (``resolution_size``: sides rounded to
+        multiples of 64), so what is checked is what would run."""
         c = self.config
         h, w = rgb.shape[:2]
         for key in ("detect_resolution", "image_resolution"):
-            if key in params:
-                short = params[key]
-                long = round(short * max(h, w) / min(h, w))
-                if long > c.max_side or short * long > c.max_pixels:
-                    raise ApiError(400, f"{where}.params.{key}: {short} on a {w}x{h} image makes a {long}x{short} "
+            if params.get(key) is not None:
+                try:
+                    sh, sw = resolution_size(h, w, params[key], where, key)
+                except ValueError as e:
+                    raise ApiError(400, f"{where}.params.{key}: {e}") from None
+                if max(sh, sw) > c.max_side or sh * sw > c.max_pixels:
+                    raise ApiError(400, f"{where}.params.{key}: {params[key]} on a {w}x{h} image makes a {sw}x{sh} "
                                         f"map, over this server's limit of {c.max_side} px per side and "
                                         f"{c.max_pixels:,} pixels")
 

@@ -343,6 +343,8 @@ class Trainer:
             if path is None and bad:
                 raise TrainingError(f"resume latest: no checkpoint in {self.ckpt_root} verifies "
                                     f"({'; '.join(why for _, why in bad)}); move them away to start from step 0")
+            if path is not None:  # a refused config change stops here, before anything on disk moves
+                self._resume_changes(path)
             self.acc.wait_for_everyone()  # every process has chosen before the damaged folders move
             for folder, why in bad:
                 aside = set_aside(folder) if self.acc.is_main_process else folder
@@ -360,10 +362,16 @@ class Trainer:
                 verified = verify_checkpoint(path)
             except CheckpointError as e:
                 raise CheckpointError(f"resume: {e}") from None
+            self._resume_changes(path)
+        self.resume_from, self.resume_verified = path, verified
+
+    def _resume_changes(self, path: Path) -> None:
+        """Apply (and log) the config changes a resume from ``path`` allows; refused ones raise."""
         state = json.loads((path / "state.json").read_text())
+        if "step" not in state:
+            raise TrainingError(f"resume: {path / 'state.json'} has no step; not a ctrlnet training checkpoint")
         for change in resume_changes(state.get("config", {}), self.config, state["step"]):
             self.log_line(f"applied on resume: {change}")
-        self.resume_from, self.resume_verified = path, verified
 
     def load_checkpoint(self, path: Path, verify: bool = True) -> None:
         tensors, state = read_checkpoint(path, verify=verify)
