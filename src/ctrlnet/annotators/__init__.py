@@ -36,75 +36,41 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import math
-from dataclasses import dataclass
+import warnings
 from typing import Any, Callable
 
 import numpy as np
 
 from ..images import resize_any, resize_photo, resize_to, scaled_size, to_rgb
 
+from . import ade20k, depth, dwpose, hed, lineart_nets, mlsd, normalbae, pidinet
 from .canny import canny
 from .colour import colour_shuffle, palette
 from .invert import invert
 from .lineart import lineart
 from .pose import openpose, openpose_full
 from .scribble import scribble
-from .segmentation import segmentation
+from .segmentation import seg_colour_clusters
 from .shuffle import shuffle
 from .softedge import softedge
 from .threshold import threshold
+from .spec import MODEL, Spec
 from .tile import tile
+from .weights import Weights, WeightsError, WeightsNotFound, find, locate
 
 ANNOTATORS: dict[str, Callable[..., np.ndarray]] = {
     "canny": canny, "scribble": scribble, "softedge": softedge, "lineart": lineart, "threshold": threshold,
     "invert": invert, "shuffle": shuffle, "palette": palette, "colour_shuffle": colour_shuffle, "tile": tile,
-    "segmentation": segmentation, "openpose": openpose, "openpose_full": openpose_full,
+    "seg_colour_clusters": seg_colour_clusters, "openpose": openpose, "openpose_full": openpose_full,
 }
 # Annotators that need an optional package (extra): name -> the module they import.
 NEEDS: dict[str, str] = {"openpose": "mediapipe", "openpose_full": "mediapipe"}
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A parameter's type and its valid values: numbers within [low, high] (inclusive), or one of
-    ``choices`` for a string."""
-    kind: type  # int, float, bool or str
-    low: float = 0
-    high: float = 0
-    choices: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        if self.kind is bool:
-            return "true or false"
-        if self.kind is str:
-            return "one of " + ", ".join(self.choices)
-        if self.kind is int:
-            return f"an integer in [{int(self.low)}, {int(self.high)}]"
-        return f"a number in [{self.low:g}, {self.high:g}]"
-
-    def check(self, value: Any) -> Any:
-        """``value`` as ``kind`` (an integral float is an int; an int is a float), or None when it is
-        not a valid value."""
-        if isinstance(value, np.generic):  # numpy scalars as Python ones (np.bool_ stays a bool)
-            value = value.item()
-        if self.kind is bool:
-            return value if isinstance(value, bool) else None
-        if self.kind is str:
-            return value if isinstance(value, str) and value in self.choices else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None
-        if isinstance(value, int) and not self.low <= value <= self.high:
-            return None  # before any float(): 10**400 has no float
-        if not math.isfinite(value):
-            return None
-        if self.kind is int:
-            if value != int(value):
-                return None
-            value = int(value)
-        else:
-            value = float(value)
-        return value if self.low <= value <= self.high else None
+# Neural annotators' weights (``weights.Weights``, all needed): name -> what ``find`` looks for.
+WEIGHTS: dict[str, tuple[Weights, ...]] = {}
+# Annotators with a batched form: name -> fn(list of same-size (H, W, 3) uint8, **params) -> list of maps.
+BATCH: dict[str, Callable[..., list[np.ndarray]]] = {}
+# Old names still accepted, with a FutureWarning: old -> new.
+ALIASES: dict[str, str] = {"segmentation": "seg_colour_clusters"}
 
 
 # Valid ranges. The upper ends keep one call bounded: at 4096 x 4096 (16 MP) each annotator at its
@@ -128,17 +94,52 @@ PARAMS: dict[str, dict[str, Spec]] = {
     "palette": {"grid": Spec(int, 1, 4096)},
     "colour_shuffle": {"seed": SEED},
     "tile": {"down": Spec(float, 1, 128)},
-    "segmentation": {"k": Spec(int, 1, 16), "min_fraction": Spec(float, 0, 1), "seed": SEED},
+    "seg_colour_clusters": {"k": Spec(int, 1, 16), "min_fraction": Spec(float, 0, 1), "seed": SEED},
     "openpose": {"hands": Spec(bool), "face": Spec(bool), "min_confidence": Spec(float, 0, 1)},
     "openpose_full": {"min_confidence": Spec(float, 0, 1)},
 }
 # Pairs that must be ordered (first <= second).
 ORDERED: dict[str, tuple[str, str]] = {"canny": ("low", "high")}
 
+# The neural detectors, one module each, each with its own ANNOTATORS / PARAMS / WEIGHTS (and
+# BATCH / NEEDS where it has them); every one takes ``model`` (a path; "" = search, ``weights``).
+for _module in (hed, pidinet, lineart_nets, mlsd, depth, normalbae, ade20k, dwpose):
+    ANNOTATORS |= _module.ANNOTATORS
+    PARAMS |= {name: {"model": MODEL} | specs for name, specs in _module.PARAMS.items()}
+    WEIGHTS |= _module.WEIGHTS
+    BATCH |= getattr(_module, "BATCH", {})
+    NEEDS |= getattr(_module, "NEEDS", {})
+
+
+def canonical(name: str) -> str:
+    """``name``, or the current name of a renamed annotator (with a FutureWarning saying so)."""
+    if name in ALIASES:
+        warnings.warn(f"annotator {name!r} is now called {ALIASES[name]!r} (the old name will be removed)",
+                      FutureWarning, stacklevel=3)
+        return ALIASES[name]
+    return name
+
+
+def unavailable(name: str, params: dict | None = None) -> str:
+    """Why annotator ``name`` cannot run here ("" when it can): its optional package is not
+    installed, or its weights are not found (the ``WeightsNotFound`` message, which says where it
+    looked and where the file is published). ``params["model"]``, when given, is looked at instead."""
+    name = ALIASES.get(name, name)
+    if name not in ANNOTATORS:
+        return f"unknown annotator {name!r}"
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        return f"needs the {NEEDS[name]!r} package (README, 'Annotators')"
+    for w in WEIGHTS.get(name, ()):
+        try:
+            find(name, w, (params or {}).get("model", "") if w is WEIGHTS[name][0] else "")
+        except (WeightsNotFound, WeightsError) as e:
+            return str(e)
+    return ""
+
 
 def available(name: str) -> bool:
-    """Whether annotator ``name`` can run here (its optional package, if any, is installed)."""
-    return name in ANNOTATORS and (name not in NEEDS or importlib.util.find_spec(NEEDS[name]) is not None)
+    """Whether annotator ``name`` can run here (its optional package is installed, its weights found)."""
+    return not unavailable(name)
 
 
 def check_params(name: str, params: dict) -> dict:
@@ -146,6 +147,7 @@ def check_params(name: str, params: dict) -> dict:
     not used) checked against ``PARAMS`` and converted to their types; a ValueError naming the
     annotator, the parameter, the value and the valid range otherwise. Every caller (Python, CLI,
     training, server) binds through here."""
+    name = canonical(name)
     if name not in ANNOTATORS:
         raise ValueError(f"unknown annotator {name!r}; available: {', '.join(sorted(ANNOTATORS))}")
     specs = PARAMS[name] | {"detect_resolution": RESOLUTION, "image_resolution": RESOLUTION}
@@ -171,6 +173,7 @@ def check_params(name: str, params: dict) -> dict:
 def resolved_params(name: str, params: dict) -> dict:
     """Every parameter of annotator ``name``: ``params`` checked, the rest at their defaults (and
     the resolutions when given) - what made a map, e.g. to record beside it."""
+    name = ALIASES.get(name, name)
     defaults = {p.name: p.default for p in inspect.signature(ANNOTATORS[name]).parameters.values()
                 if p.name != "image"}
     return defaults | (check_params(name, params) if params else {})
@@ -204,18 +207,50 @@ def _detect(name: str, params: dict, image: np.ndarray) -> np.ndarray:
 def get_annotator(name: str, detect_resolution: int | None = None, image_resolution: int | None = None,
                   **params) -> Callable[[np.ndarray], np.ndarray]:
     """The annotator ``name`` with ``params`` bound; a ValueError for unknown names or parameters
-    and for values out of their range (``PARAMS``)."""
+    and for values out of their range (``PARAMS``). The callable takes one image, or a list of
+    images (run several per forward pass where the detector has a batched form, ``BATCH``)."""
+    name = canonical(name)
     params = check_params(name, params | {"detect_resolution": detect_resolution,
                                           "image_resolution": image_resolution})
 
-    def annotate(image: np.ndarray) -> np.ndarray:
-        image = to_rgb(image)
-        h, w = image.shape[:2]
-        out = _detect(name, params, image)
+    def back(out: np.ndarray, h: int, w: int) -> np.ndarray:
         resolution = params.get("image_resolution")
         th, tw = (h, w) if resolution is None else resolution_size(h, w, resolution, name, "image_resolution")
         return resize_any(out, tw, th)
+
+    def annotate(image):
+        if isinstance(image, (list, tuple)):
+            images = [to_rgb(i) for i in image]
+            return [back(out, i.shape[0], i.shape[1]) for out, i in zip(detect_many(name, params, images), images)]
+        image = to_rgb(image)
+        return back(_detect(name, params, image), image.shape[0], image.shape[1])
     return annotate
+
+
+BATCH_SIZE = 8  # images per forward pass at most, for detectors with a batched form
+
+
+def detect_many(name: str, params: dict, images: list[np.ndarray]) -> list[np.ndarray]:
+    """``_detect`` over (H, W, 3) uint8 ``images``: those of one size (after ``detect_resolution``)
+    go through the detector's batched form together, ``BATCH_SIZE`` at a time; the rest one by one."""
+    if name not in BATCH or len(images) < 2:
+        return [_detect(name, params, i) for i in images]
+    params = dict(params)
+    resolution = params.pop("detect_resolution", None)
+    params.pop("image_resolution", None)
+    if resolution is not None:
+        images = [resize_photo(i, *resolution_size(i.shape[0], i.shape[1], resolution, name,
+                                                   "detect_resolution")[::-1]) for i in images]
+    out: list[Any] = [None] * len(images)
+    groups: dict[tuple, list[int]] = {}
+    for k, i in enumerate(images):
+        groups.setdefault(i.shape, []).append(k)
+    for ks in groups.values():
+        for start in range(0, len(ks), BATCH_SIZE):
+            chunk = ks[start:start + BATCH_SIZE]
+            for k, m in zip(chunk, BATCH[name]([images[k] for k in chunk], **params)):
+                out[k] = m
+    return out
 
 
 def condition_for(name: str, params: dict, image: Any, width: int, height: int,
@@ -228,6 +263,7 @@ def condition_for(name: str, params: dict, image: Any, width: int, height: int,
     median colour (a padded photo would show an edge where the padding starts). With
     ``detect_resolution`` in ``params`` the detector runs at that resolution and its map is resized
     to the target by ``resize_mode`` (content-aware); ``image_resolution`` has no effect here."""
+    name = canonical(name)
     params = check_params(name, dict(params))
     whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     if not (whole(width) and whole(height) and width > 0 and height > 0 and width * height <= MAX_PIXELS):

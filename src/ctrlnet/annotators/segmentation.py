@@ -32,7 +32,7 @@ def nearest_centre(lab: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return table.ravel()[(q[:, 0] << 14) | (q[:, 1] << 7) | q[:, 2]]
 
 
-def segmentation(image: np.ndarray, k: int = 6, min_fraction: float = 0.005, seed: int = 0) -> np.ndarray:
+def seg_colour_clusters(image: np.ndarray, k: int = 6, min_fraction: float = 0.005, seed: int = 0) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W, 3) uint8 region map; the largest region gets the first palette colour."""
     if not 1 <= k <= len(ADE20K_PALETTE):
         raise ValueError(f"segmentation: k must be in 1..{len(ADE20K_PALETTE)}, got {k}")

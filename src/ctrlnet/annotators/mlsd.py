@@ -1,0 +1,5 @@
+"""(being written)"""
+
+ANNOTATORS: dict = {}
+PARAMS: dict = {}
+WEIGHTS: dict = {}
