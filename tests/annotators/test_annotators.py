@@ -37,7 +37,7 @@ def test_contract_shape_dtype_determinism(name, shapes):
 def test_segmentation_regions_agree_with_shapesworld(shapes):
     """Every object and the background (from the generator's metadata) is one region of the map,
     and no object shares the background's region."""
-    seg = get_annotator("segmentation")
+    seg = get_annotator("seg_colour_clusters")
     for target, record, _ in shapes:
         out = seg(target)
         objects = true_object_masks(record, 128)
@@ -97,7 +97,7 @@ def test_detect_and_image_resolution(shapes):
     out = get_annotator("canny", detect_resolution=256)(target)  # detected at 256, back to 128
     assert out.shape == (128, 128, 3) and set(np.unique(out)) <= {0, 255}
     assert edge_f1(out, shapes[2][2], tolerance=2) > 0.7
-    big = get_annotator("segmentation", image_resolution=256)(target)
+    big = get_annotator("seg_colour_clusters", image_resolution=256)(target)
     assert big.shape == (256, 256, 3)
 
 
@@ -115,8 +115,8 @@ def test_segmentation_of_large_images_fits_on_a_sample(shapes, monkeypatch):
     work stays bounded at 16 MP): the same regions as the fit on all pixels."""
     seg = importlib.import_module("ctrlnet.annotators.segmentation")  # the package's `segmentation` is the function
     for target, _, _ in shapes[:3]:
-        full = get_annotator("segmentation")(target)
+        full = get_annotator("seg_colour_clusters")(target)
         monkeypatch.setattr(seg, "FIT_PIXELS", 2000)  # 128 x 128 = 16384 pixels: sampled
-        sampled = get_annotator("segmentation")(target)
+        sampled = get_annotator("seg_colour_clusters")(target)
         monkeypatch.undo()
         assert (full == sampled).all(axis=-1).mean() > 0.98

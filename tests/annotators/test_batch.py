@@ -52,7 +52,7 @@ def test_captions_file_and_imagefolder(tmp_path):
     src = photos(tmp_path / "in", 2)
     (src / "broken.png").unlink()
     (tmp_path / "c.csv").write_text("file_name,text\nsub/p0.png,first\np1.png,second\n")
-    report = annotate("segmentation", [src], tmp_path / "out", dataset="imagefolder", captions=tmp_path / "c.csv",
+    report = annotate("seg_colour_clusters", [src], tmp_path / "out", dataset="imagefolder", captions=tmp_path / "c.csv",
                       progress=False)
     rows = [json.loads(l) for l in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
     assert sorted(r["text"] for r in rows) == ["first", "second"] and not report.failed

@@ -56,8 +56,8 @@ def test_pixel_perfect_is_the_detector_at_that_size_not_a_resized_map():
 
 def test_other_annotators_and_errors():
     src = photo(120, 90, seed=2)
-    seg = condition_for("segmentation", {"k": 4}, src, 64, 96, "crop_and_resize")
-    assert np.array_equal(seg, get_annotator("segmentation", k=4)(resize_to(src, 64, 96, "crop_and_resize",
+    seg = condition_for("seg_colour_clusters", {"k": 4}, src, 64, 96, "crop_and_resize")
+    assert np.array_equal(seg, get_annotator("seg_colour_clusters", k=4)(resize_to(src, 64, 96, "crop_and_resize",
                                                                              resize_photo)))
     assert condition_for("palette", {"image_resolution": 512}, src, 64, 64).shape == (64, 64, 3)  # the target decides
     with pytest.raises(ValueError, match=r"annotator 'canny': low=-1 is not an integer in \[0, 2040\]"):

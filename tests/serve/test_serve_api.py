@@ -89,7 +89,7 @@ def test_generate_multipart(server, shapes_sample):
     ({"image": "IMG", "annotator": "nope"}, 400, ["unknown annotator 'nope'"]),
     ({"image": "IMG", "annotator": "canny", "params": {"lo": 1}}, 400, ["unknown parameter", "lo"]),
     ({"image": "IMG", "annotator": "canny", "params": {"detect_resolution": 100000}}, 400, ["detect_resolution"]),
-    ({"image": "IMG", "annotator": "segmentation", "params": {"k": 100000}}, 400, ["annotator 'segmentation': k=100000 is not an integer in [1, 16]"]),
+    ({"image": "IMG", "annotator": "seg_colour_clusters", "params": {"k": 100000}}, 400, ["annotator 'seg_colour_clusters': k=100000 is not an integer in [1, 16]"]),
     ({"image": "IMG", "annotator": "canny", "path": "/etc/passwd"}, 422, ["path", "Extra inputs"]),
 ])
 def test_detect_errors(server, shapes_sample, payload, status, words):

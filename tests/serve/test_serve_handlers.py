@@ -115,8 +115,8 @@ def test_queue_runs_one_at_a_time_and_frees_places_after():
      ["controls.0", "detect_resolution=5000 is not an integer in [64, 2048]"]),
     ({"controls": [{"model": "nano-canny", "annotator": "canny", "params": {"detect_resolution": 2048}}]},
      ["controls.0.params.detect_resolution: must be an integer in [64, 1024]"]),  # this server's max_side
-    ({"controls": [{"model": "nano-canny", "annotator": "segmentation", "params": {"k": 1e9}}]},
-     ["controls.0", "annotator 'segmentation': k=1000000000.0 is not an integer in [1, 16]"]),
+    ({"controls": [{"model": "nano-canny", "annotator": "seg_colour_clusters", "params": {"k": 1e9}}]},
+     ["controls.0", "annotator 'seg_colour_clusters': k=1000000000.0 is not an integer in [1, 16]"]),
     ({"controls": [{"model": "nano-canny", "params": {"low": 5}}]}, ["controls.0", "parameters", "no annotator"]),
 ])
 def test_check_generate_refuses(local, fields, words):

@@ -179,6 +179,21 @@ def resolved_params(name: str, params: dict) -> dict:
     return defaults | (check_params(name, params) if params else {})
 
 
+def describe(name: str) -> dict:
+    """What ``ctrlnet annotators`` and the web UI show of annotator ``name``: its one-line doc,
+    parameters (default and valid values), the weights it needs and where each was found (None:
+    not found), the optional package it needs, and whether it can run here (``reason`` if not)."""
+    fn = ANNOTATORS[name]
+    defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.name != "image"}
+    weights = [{"file": w.file, "repos": list(w.repos), "what": w.what,
+                "found": str(found) if (found := locate(w)) else None} for w in WEIGHTS.get(name, ())]
+    reason = unavailable(name)
+    return {"name": name, "doc": (inspect.getdoc(fn) or "").split("\n")[0],
+            "params": {k: {"default": defaults.get(k), "valid": spec.describe()} for k, spec in PARAMS[name].items()},
+            "weights": weights, "needs": NEEDS.get(name, ""), "available": not reason, "reason": reason,
+            "aliases": sorted(a for a, n in ALIASES.items() if n == name)}
+
+
 def resolution_size(h: int, w: int, short: int, name: str, key: str, multiple: int = 64) -> tuple[int, int]:
     """(height, width) with the short side at ``short``, sides rounded to ``multiple``; a
     ValueError when that is over ``MAX_PIXELS`` (a 64 x 65536 strip at 512 would be 512 x 524288)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..annotators import ade20k
 from ..annotators.canny import canny
 from ..annotators.pose import BODY_COLOURS
 
@@ -110,3 +111,38 @@ def pose_pck(generated_map: np.ndarray, condition_map: np.ndarray, alpha: float 
     dist = np.linalg.norm(found[:, :2] - truth[:, :2], axis=1)
     ok = (found[:, 2] > 0) & (dist <= alpha * max(condition_map.shape[:2]))
     return float(ok[seen].mean())
+
+
+def depth_rmse(pred: np.ndarray, truth: np.ndarray) -> float:
+    """RMSE of two depth maps on their 0-255 scale ((H, W) or (H, W, 3) uint8, grey = mean of the
+    channels), as ControlNet++ reports depth controllability (lower is better)."""
+    grey = lambda x: (x.mean(axis=-1) if x.ndim == 3 else x).astype(np.float64)
+    return float(np.sqrt(np.mean((grey(pred) - grey(truth)) ** 2)))
+
+
+def normals_of(normal_map: np.ndarray) -> np.ndarray:
+    """(H, W, 3) unit vectors decoded from a normal map (each channel 0..255 -> -1..1)."""
+    n = normal_map.astype(np.float64) / 127.5 - 1.0
+    return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-8)
+
+
+def normal_angular_error(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean angle in degrees between the normals of two normal maps (lower is better), over the
+    pixels where both hold a normal (a map's flat background, (127/128, 127/128, *) with a zero
+    x-y part, counts as a normal pointing at the camera, as the maps draw it)."""
+    cos = np.clip((normals_of(pred) * normals_of(truth)).sum(axis=-1), -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)).mean())
+
+
+def class_miou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean IoU over the ADE20K classes present in either map, both maps read back to class ids
+    through the palette (``annotators.ade20k.classes_of``; colours far from every class are
+    ignored) - the usual segmentation mIoU, for class-palette segmenters."""
+    p, t = ade20k.classes_of(pred).ravel(), ade20k.classes_of(truth).ravel()
+    keep = (p >= 0) & (t >= 0)
+    p, t = p[keep], t[keep]
+    classes = np.union1d(np.unique(p), np.unique(t))
+    if not classes.size:
+        return 1.0
+    ious = [np.logical_and(p == c, t == c).sum() / np.logical_or(p == c, t == c).sum() for c in classes]
+    return float(np.mean(ious))

@@ -7,7 +7,8 @@ ShapesWorld folder), ``seeds`` images each are generated from (condition, captio
 
 - re-extraction: the control's annotator runs on the generated image and is compared with the
   input condition: canny / scribble -> edge F1 (1-pixel tolerance, ``eval.control.edge_f1``);
-  softedge / lineart / others -> SSIM; segmentation (colour clustering) -> region mIoU;
+  softedge / lineart / others -> SSIM; seg_colour_clusters -> region mIoU; ADE20K segmenters ->
+  class mIoU; depth -> RMSE (0-255); normals -> mean angle (degrees);
 - ShapesWorld, exactly from the metadata: foreground mask IoU against the target, per-object mask
   IoU, colour accuracy against the prompt (the base kept its knowledge), shape-class accuracy;
 - the same prompts and seeds without control: the baseline that shows what control adds.
@@ -39,17 +40,19 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..annotators import get_annotator
+from ..annotators import ALIASES, get_annotator
 from ..images import load_image
 from ..pipeline import Control, Pipeline, Region
 from ..testbed.shapes import with_article
 from ..training.data import read_records
 from ..version import __version__
 
-from .control import edge_f1, foreground_iou, pose_pck, region_miou, ssim
+from .control import class_miou, depth_rmse, edge_f1, foreground_iou, normal_angular_error, pose_pck, region_miou, ssim
 from .shapes import colour_presence, score_objects, true_object_masks
 
-EDGE_ANNOTATORS = {"canny", "scribble", "threshold"}
+# binary line maps: edge F1 (1 px tolerance); soft edges / line art (grey levels): SSIM
+EDGE_ANNOTATORS = {"canny", "scribble", "threshold", "scribble_hed", "scribble_pidinet", "mlsd", "lines_lsd"}
+POSE_ANNOTATORS = {"openpose", "openpose_full", "dw_openpose", "dw_openpose_full"}
 
 
 def report_control(c: Control) -> dict:
@@ -60,12 +63,20 @@ def report_control(c: Control) -> dict:
 
 
 def reextraction_metric(annotator: str):
-    """(name, fn(re_extracted, input_condition) -> float) for an annotator."""
+    """(name, fn(re_extracted, input_condition) -> float) for an annotator (ControlNet++'s metrics:
+    edge F1, SSIM, depth RMSE, class mIoU; plus normal angular error, region mIoU, pose PCK)."""
+    annotator = ALIASES.get(annotator, annotator)
     if annotator in EDGE_ANNOTATORS:
         return "edge_f1", lambda a, b: edge_f1(a, b, tolerance=1)
-    if annotator == "segmentation":
+    if annotator == "seg_colour_clusters":
         return "region_miou", region_miou
-    if annotator in ("openpose", "openpose_full"):
+    if annotator.startswith("seg_"):
+        return "class_miou", class_miou
+    if annotator.startswith("depth_"):
+        return "depth_rmse", depth_rmse
+    if annotator.startswith("normal_"):
+        return "normal_angle", normal_angular_error
+    if annotator in POSE_ANNOTATORS:
         return "pose_pck", pose_pck
     return "ssim", ssim
 
@@ -238,6 +249,9 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
                          "pose_pck": "body keypoints read back from both OpenPose maps; correct within 0.1 x the "
                                      "longer side",
                          "ssim": "grey, Gaussian window 1.5", "region_miou": "each true region's best-matching region",
+                         "class_miou": "ADE20K classes read back through the palette, mean IoU over classes present",
+                         "depth_rmse": "0-255 depth maps (near = white), lower is better",
+                         "normal_angle": "mean angle between decoded normals in degrees, lower is better",
                          "mask_iou": "foreground (far from the border colour) vs the target's",
                          "object_iou": "per ShapesWorld object, from metadata geometry",
                          "colour_accuracy": "object colour (median inside the true mask) vs the prompt's; "

@@ -2,13 +2,14 @@
 request passes before it is queued, and the work itself. No HTTP here (``app`` is the HTTP side),
 so all of it can be called directly."""
 
+import importlib.util
 import inspect
 import math
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from ..annotators import ANNOTATORS, NEEDS, available, check_params, get_annotator, resolution_size
+from ..annotators import ALIASES, ANNOTATORS, NEEDS, WEIGHTS, check_params, get_annotator, locate, resolution_size
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, png_bytes, resize_any
 from ..names import is_nano
@@ -77,13 +78,28 @@ class Server:
                            "queue": c.queue}}
 
     @staticmethod
-    def annotators() -> list[dict]:
+    def unavailable(name: str) -> str:
+        """Why annotator ``name`` cannot run on this server ("" when it can), told without the
+        server's paths: the package or weight file it lacks and where that is published."""
+        if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+            return f"needs the {NEEDS[name]!r} package, not installed on this server"
+        for w in WEIGHTS.get(name, ()):
+            if locate(w) is None:
+                return (f"weights not found on this server: {w.describe()} (published at "
+                        f"{', '.join('https://huggingface.co/' + r for r in w.repos)}; its operator puts it in "
+                        f"$CTRLNET_ANNOTATORS or ~/.cache/ctrlnet/annotators)")
+        return ""
+
+    @classmethod
+    def annotators(cls) -> list[dict]:
         out = []
         for name, fn in ANNOTATORS.items():
+            # ``model`` (a path) is not offered: the server's weights are its operator's
             params = {p.name: p.default for p in inspect.signature(fn).parameters.values()
-                      if p.name != "image" and p.default is not inspect.Parameter.empty}
+                      if p.name not in ("image", "model") and p.default is not inspect.Parameter.empty}
             doc = (inspect.getdoc(fn) or "").split("\n")[0]
-            out.append({"name": name, "doc": doc, "params": params, "available": available(name),
+            reason = cls.unavailable(name)
+            out.append({"name": name, "doc": doc, "params": params, "available": not reason, "reason": reason,
                         "needs": NEEDS.get(name, "")})
         return out
 
@@ -99,7 +115,14 @@ class Server:
         ``max_side`` too; parameters without an annotator are refused, not ignored."""
         if params and not annotator:
             raise ApiError(400, f"{where}: annotator parameters {sorted(params)} given but no annotator")
+        if "model" in params:
+            raise ApiError(400, f"{where}.params.model: the server takes no weight paths; the annotator uses the "
+                                "weights its operator installed")
         if annotator and annotator != "inpaint":
+            reason = self.unavailable(ALIASES.get(annotator, annotator)) if annotator in ANNOTATORS or \
+                annotator in ALIASES else ""
+            if reason:
+                raise ApiError(400, f"{where}: annotator {annotator!r} is not available: {reason}")
             try:
                 check_params(annotator, params)
             except (ValueError, TypeError) as e:
