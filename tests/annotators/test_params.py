@@ -19,7 +19,7 @@ def bad_values(spec) -> list:
     if spec.kind is bool:
         return [1, 0, "true", None, 0.5]
     if spec.kind is str:
-        return ["pencil", 3, None, True]
+        return ["pencil", 3, None, True] if spec.choices else [3, None, True, ["a.pth"]]  # no choices: a path
     below = spec.low - (1 if spec.kind is int else max(spec.low, 0.01))  # low 0.1 -> 0, low 0 -> -0.01
     wrong = [below, spec.high + 1, spec.high * 10, -1e9, 10 ** 400, math.nan, math.inf, -math.inf, "abc", "1", True,
              False, None, [1]]

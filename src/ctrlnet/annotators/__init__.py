@@ -120,20 +120,26 @@ def canonical(name: str) -> str:
     return name
 
 
-def unavailable(name: str, params: dict | None = None) -> str:
-    """Why annotator ``name`` cannot run here ("" when it can): its optional package is not
-    installed, or its weights are not found (the ``WeightsNotFound`` message, which says where it
-    looked and where the file is published). ``params["model"]``, when given, is looked at instead."""
+def require(name: str, params: dict | None = None) -> None:
+    """Raise what stops annotator ``name`` from running here: a ``ModuleNotFoundError`` for its
+    missing optional package, ``WeightsNotFound`` (saying where it looked and where the file is
+    published) or ``WeightsError`` for its weights. ``params["model"]`` replaces the search for the
+    first weight file (``WEIGHTS``)."""
     name = ALIASES.get(name, name)
     if name not in ANNOTATORS:
-        return f"unknown annotator {name!r}"
+        raise ValueError(f"unknown annotator {name!r}; available: {', '.join(sorted(ANNOTATORS))}")
     if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
-        return f"needs the {NEEDS[name]!r} package (README, 'Annotators')"
-    for w in WEIGHTS.get(name, ()):
-        try:
-            find(name, w, (params or {}).get("model", "") if w is WEIGHTS[name][0] else "")
-        except (WeightsNotFound, WeightsError) as e:
-            return str(e)
+        raise ModuleNotFoundError(f"annotator {name!r} needs the {NEEDS[name]!r} package (README, 'Annotators')")
+    for k, w in enumerate(WEIGHTS.get(name, ())):
+        find(name, w, (params or {}).get("model", "") if k == 0 else "")
+
+
+def unavailable(name: str, params: dict | None = None) -> str:
+    """Why annotator ``name`` cannot run here, in one line ("" when it can); see ``require``."""
+    try:
+        require(name, params)
+    except (ValueError, OSError, ImportError) as e:
+        return str(e)
     return ""
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..images import ImageError, load_image, png_bytes, png_text
-from . import get_annotator, resolved_params
+from . import BATCH, BATCH_SIZE, canonical, get_annotator, require, resolved_params
 from .pose import detect_people, draw_openpose, openpose_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -88,6 +88,19 @@ def _done(target: Path, source: Path, name: str, params: dict, made_by: str) -> 
     return png_text(target).get(RECORD_KEY) == made_by
 
 
+def _write(target: Path, out, keys, made_by: str) -> str:
+    """``out`` (and the keypoints ``keys``, when not None) written atomically to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if keys is not None:  # the keypoints first: a map under its final name means both are there
+        tmp = target.with_name(target.stem + ".json.tmp")
+        tmp.write_text(json.dumps(keys))
+        os.replace(tmp, target.with_suffix(".json"))
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(png_bytes(out, text={RECORD_KEY: made_by}))
+    os.replace(tmp, target)  # never a half-written map under the final name
+    return str(target)
+
+
 def _run_one(args) -> tuple[str, str | None]:
     """Worker: annotate one file. Returns (output path, error or None)."""
     name, params, source, target = args
@@ -104,18 +117,30 @@ def _run_one(args) -> tuple[str, str | None]:
             keys = openpose_json(people, image.shape[0], image.shape[1])
         else:
             out = annotator(image)
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if keys is not None:  # the keypoints first: a map under its final name means both are there
-            tmp = target.with_name(target.stem + ".json.tmp")
-            tmp.write_text(json.dumps(keys))
-            os.replace(tmp, target.with_suffix(".json"))
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(png_bytes(out, text={RECORD_KEY: record(name, params)}))
-        os.replace(tmp, target)  # never a half-written map under the final name
-        return str(target), None
+        return _write(Path(target), out, keys, record(name, params)), None
     except (ImageError, ValueError, OSError) as e:
         return str(target), str(e)
+
+
+def _run_batched(name: str, params: dict, chunk: list[tuple]) -> list[tuple[str, str | None]]:
+    """A neural detector over several files in this process, several images per forward pass
+    (``BATCH``; the model loads once). A file that cannot be read fails alone; a chunk whose batch
+    fails is redone one file at a time, so one bad image costs only itself."""
+    results: dict[int, tuple[str, str | None]] = {}
+    images = {}
+    for k, (_, _, source, target) in enumerate(chunk):
+        try:
+            images[k] = load_image(source)
+        except (ImageError, ValueError, OSError) as e:
+            results[k] = (str(target), str(e))
+    try:
+        maps = get_annotator(name, **params)([images[k] for k in images])
+        for k, out in zip(images, maps):
+            results[k] = (_write(Path(chunk[k][3]), out, None, record(name, params)), None)
+    except (ValueError, OSError):
+        for k in images:
+            results[k] = _run_one(chunk[k])
+    return [results[k] for k in range(len(chunk))]
 
 
 def read_captions(path: Path) -> dict[str, str]:
@@ -153,7 +178,9 @@ def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict 
     """Annotate every input image into ``out``; see the module docstring. ``force``: redo outputs
     that are already done."""
     params = params or {}
+    name = canonical(name)
     made_by = record(name, params)  # unknown annotator / parameters, values out of range: fail before any work
+    require(name, params)  # its package and weights: one clear error, not one per file
     if dataset not in ("", "fill50k", "imagefolder"):
         raise ValueError(f"dataset must be fill50k or imagefolder, got {dataset!r}")
     out = Path(out)
@@ -173,7 +200,11 @@ def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict 
     bar = tqdm(total=len(todo), desc=f"annotate {name}", unit="img", disable=not progress)
     args = [(name, params, str(j.source), str(out / j.rel)) for j in todo]
     results = []
-    if workers > 1 and len(todo) > 1:
+    if name in BATCH:  # a neural detector: batched in this process (its torch threads use the cores)
+        for start in range(0, len(args), BATCH_SIZE):
+            results += _run_batched(name, params, args[start:start + BATCH_SIZE])
+            bar.update(len(args[start:start + BATCH_SIZE]))
+    elif workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for r in pool.map(_run_one, args, chunksize=max(1, len(args) // (workers * 8))):
                 results.append(r)

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..annotators import ANNOTATORS, get_annotator
+from ..annotators import ALIASES, ANNOTATORS, get_annotator, require
 from ..configs import shipped_train_configs
 
 
@@ -157,12 +157,16 @@ class TrainConfig:
         if not self.hint_channels or not all(type(n) is int and n >= 1 for n in self.hint_channels):
             _bad("hint_channels", "a list of positive integers, e.g. [16, 32, 96, 256]", self.hint_channels)
         if self.annotator:
-            if self.annotator not in ANNOTATORS:
+            if self.annotator not in ANNOTATORS and self.annotator not in ALIASES:
                 _bad("annotator", f"empty or one of {', '.join(sorted(ANNOTATORS))}", self.annotator)
             try:
                 get_annotator(self.annotator, **self.annotator_params)  # binds the parameters: unknown ones fail
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"config: annotator_params: {e}") from None
+            try:  # a neural detector's weights (or package): before any work, not in the first batch
+                require(self.annotator, self.annotator_params)
+            except (ValueError, OSError, ImportError) as e:
+                raise ConfigError(f"config: annotator: {e}") from None
         if self.cache and not self.center_crop:
             raise ConfigError("config: random crops (center_crop: false) need cache: false - the cache stores one "
                               "crop per image")
