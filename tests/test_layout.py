@@ -21,7 +21,7 @@ LAYERS = {
     "ctrlnet.eval.report": 8, "ctrlnet.serve": 8, "ctrlnet.demo": 8, "ctrlnet.cli": 8, "ctrlnet": 8,
 }
 # imported inside functions on purpose: optional extras (and the stdlib's tomllib, absent on 3.10)
-OPTIONAL = {"fastapi", "uvicorn", "mediapipe", "datasets", "tomllib", "torch.utils.tensorboard",
+OPTIONAL = {"fastapi", "uvicorn", "mediapipe", "datasets", "tomllib", "torch.utils.tensorboard", "onnx", "onnxruntime",
             # ctrlnet.serve's HTTP side and schemas need the serve extra (fastapi, pydantic)
             "ctrlnet.serve.app", "ctrlnet.serve.server"}
 
