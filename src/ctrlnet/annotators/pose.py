@@ -75,7 +75,7 @@ def draw_openpose(height: int, width: int, people: list[dict]) -> np.ndarray:
                 p, q = hand[a], hand[b]
                 if p[2] > 0 and q[2] > 0:
                     rgb = colorsys.hsv_to_rgb(i / len(HAND_EDGES), 1.0, 1.0)
-                    cv2.line(canvas, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), [int(c * 255) for c in rgb], 2)
+                    cv2.line(canvas, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), [c * 255 for c in rgb], 2)
             for p in hand:
                 if p[2] > 0:
                     cv2.circle(canvas, (int(p[0]), int(p[1])), 4, (0, 0, 255), thickness=-1)
@@ -89,7 +89,8 @@ def draw_openpose(height: int, width: int, people: list[dict]) -> np.ndarray:
 
 def openpose_json(people: list[dict], height: int, width: int) -> dict:
     """OpenPose's JSON layout (flat x, y, confidence lists), as the openpose editors read it."""
-    flat = lambda p, n: (_points(p).ravel().round(2).tolist() if p is not None else [0.0] * (3 * n))
+    # rounded in float64: float32 0.9 would be written 0.8999999761581421
+    flat = lambda p, n: (_points(p).astype(np.float64).ravel().round(2).tolist() if p is not None else [0.0] * (3 * n))
     return {"version": 1.3, "canvas_height": height, "canvas_width": width, "people": [
         {"pose_keypoints_2d": flat(p.get("body"), 18), "hand_left_keypoints_2d": flat(p.get("left_hand"), 21),
          "hand_right_keypoints_2d": flat(p.get("right_hand"), 21), "face_keypoints_2d": flat(p.get("face"), 70)}
