@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..images import ImageError, load_image, png_bytes, png_text
 from . import BATCH, BATCH_SIZE, canonical, get_annotator, require, resolved_params
+from . import dwpose
 from .pose import detect_people, draw_openpose, openpose_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -76,7 +77,8 @@ def record(name: str, params: dict) -> str:
 def _keypoints(name: str, params: dict) -> bool:
     """Whether the pose keypoints JSON is written beside the map (not with a resolution given,
     which only the map honours)."""
-    return name in ("openpose", "openpose_full") and not {"detect_resolution", "image_resolution"} & set(params)
+    return name in ("openpose", "openpose_full", "dw_openpose", "dw_openpose_full") and \
+        not {"detect_resolution", "image_resolution"} & set(params)
 
 
 def _done(target: Path, source: Path, name: str, params: dict, made_by: str) -> bool:
@@ -134,9 +136,18 @@ def _run_batched(name: str, params: dict, chunk: list[tuple]) -> list[tuple[str,
         except (ImageError, ValueError, OSError) as e:
             results[k] = (str(target), str(e))
     try:
-        maps = get_annotator(name, **params)([images[k] for k in images])
-        for k, out in zip(images, maps):
-            results[k] = (_write(Path(chunk[k][3]), out, None, record(name, params)), None)
+        batch = [images[k] for k in images]
+        keys: list = [None] * len(batch)
+        if _keypoints(name, params):  # DWPose: one detection for the maps and the keypoints JSON
+            values, full = resolved_params(name, params), name == "dw_openpose_full"
+            people = dwpose.detect_people_many(batch, values["model"], values["min_person_score"],
+                                               values["min_confidence"], hands=full, face=full, name=name)
+            maps = [dwpose.draw(i.shape[0], i.shape[1], p) for i, p in zip(batch, people)]
+            keys = [openpose_json(p, i.shape[0], i.shape[1]) for i, p in zip(batch, people)]
+        else:
+            maps = get_annotator(name, **params)(batch)
+        for k, out, key in zip(images, maps, keys):
+            results[k] = (_write(Path(chunk[k][3]), out, key, record(name, params)), None)
     except (ValueError, OSError):
         for k in images:
             results[k] = _run_one(chunk[k])
