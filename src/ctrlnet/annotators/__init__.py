@@ -102,10 +102,11 @@ PARAMS: dict[str, dict[str, Spec]] = {
 ORDERED: dict[str, tuple[str, str]] = {"canny": ("low", "high")}
 
 # The neural detectors, one module each, each with its own ANNOTATORS / PARAMS / WEIGHTS (and
-# BATCH / NEEDS where it has them); every one takes ``model`` (a path; "" = search, ``weights``).
+# BATCH / NEEDS where it has them); each with weights takes ``model`` (a path; "" = search, ``weights``).
 for _module in (hed, pidinet, lineart_nets, mlsd, depth, normalbae, ade20k, dwpose):
     ANNOTATORS |= _module.ANNOTATORS
-    PARAMS |= {name: {"model": MODEL} | specs for name, specs in _module.PARAMS.items()}
+    PARAMS |= {name: ({"model": MODEL} if name in _module.WEIGHTS else {}) | specs
+               for name, specs in _module.PARAMS.items()}
     WEIGHTS |= _module.WEIGHTS
     BATCH |= getattr(_module, "BATCH", {})
     NEEDS |= getattr(_module, "NEEDS", {})
