@@ -5,13 +5,21 @@
     edges = get_annotator("canny", detect_resolution=512)(image)   # detect at 512 px, map back to the input size
     cond = condition_for("canny", {"low": 100}, photo, 768, 512, "crop_and_resize")  # detected at 768 x 512
 
-Weight-free, one module each: canny, scribble (xdog / thick), softedge, lineart, threshold,
-invert, shuffle, palette, colour_shuffle, tile, segmentation (colour clustering); with the
-``pose`` extra (mediapipe) also openpose / openpose_full (OpenPose drawing, keypoint JSON). The inpaint
-condition (masked pixels = -1) is made by the pipeline (``Control(annotator="inpaint")``), since
-it needs the mask and is not a uint8 map. Neural detectors (HED, MiDaS, ...) need
-downloaded weights and are not bundled: adding one is one module whose function loads a local
-weight file, plus its lines in ``ANNOTATORS`` and ``PARAMS``.
+Weight-free, one module each: canny, scribble (xdog / thick), softedge, lineart, lines_lsd,
+threshold, invert, shuffle, palette, colour_shuffle, tile, seg_colour_clusters (colour clustering;
+formerly ``segmentation``, still accepted with a FutureWarning), openpose / openpose_full (mediapipe:
+OpenPose drawing, keypoint JSON). The inpaint condition (masked pixels = -1) is made by the pipeline
+(``Control(annotator="inpaint")``), since it needs the mask and is not a uint8 map.
+
+Neural detectors from the published weight files users already have (``weights``: found offline
+through ``model=PATH``, ``$CTRLNET_ANNOTATORS``, ``~/.cache/ctrlnet/annotators``, the Hugging Face
+cache; loaded safely and strictly), one module each with its own ``ANNOTATORS`` / ``PARAMS`` /
+``WEIGHTS`` / ``BATCH`` merged here: hed (softedge_hed, softedge_hedsafe, scribble_hed), pidinet,
+lineart_nets (lineart_realistic / coarse / anime), mlsd, depth (depth_midas, depth_anything(_v2),
+normal_midas), normalbae, ade20k (seg_ofade20k, seg_upernet_ade20k, seg_segformer_ade20k), dwpose
+(dw_openpose_full, dw_openpose). ``require`` / ``unavailable`` say what stops one from running;
+``describe`` is what ``ctrlnet annotators`` lists. A list of images goes through a detector's batched
+form (``detect_many``).
 
 Parameters: each has a declared type and range in ``PARAMS`` (``detect_resolution`` /
 ``image_resolution``: integers in [64, 2048]); ``check_params`` enforces them when an annotator

