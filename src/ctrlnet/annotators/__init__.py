@@ -64,7 +64,7 @@ from .softedge import softedge
 from .threshold import threshold
 from .spec import MODEL, Spec
 from .tile import tile
-from .weights import Weights, WeightsError, WeightsNotFound, find, locate
+from .weights import Need, Weights, WeightsError, WeightsNotFound, find_any, locate_any, options
 
 ANNOTATORS: dict[str, Callable[..., np.ndarray]] = {
     "canny": canny, "scribble": scribble, "softedge": softedge, "lineart": lineart, "threshold": threshold,
@@ -74,7 +74,7 @@ ANNOTATORS: dict[str, Callable[..., np.ndarray]] = {
 # Annotators that need an optional package (extra): name -> the module they import.
 NEEDS: dict[str, str] = {"openpose": "mediapipe", "openpose_full": "mediapipe"}
 # Neural annotators' weights (``weights.Weights``, all needed): name -> what ``find`` looks for.
-WEIGHTS: dict[str, tuple[Weights, ...]] = {}
+WEIGHTS: dict[str, tuple[Need, ...]] = {}  # each a Weights or a tuple of alternatives
 # Annotators with a batched form: name -> fn(list of same-size (H, W, 3) uint8, **params) -> list of maps.
 BATCH: dict[str, Callable[..., list[np.ndarray]]] = {}
 # Old names still accepted, with a FutureWarning: old -> new.
@@ -139,8 +139,8 @@ def require(name: str, params: dict | None = None) -> None:
         raise ValueError(f"unknown annotator {name!r}; available: {', '.join(sorted(ANNOTATORS))}")
     if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
         raise ModuleNotFoundError(f"annotator {name!r} needs the {NEEDS[name]!r} package (README, 'Annotators')")
-    for k, w in enumerate(WEIGHTS.get(name, ())):
-        find(name, w, (params or {}).get("model", "") if k == 0 else "")
+    for k, need in enumerate(WEIGHTS.get(name, ())):
+        find_any(name, need, (params or {}).get("model", "") if k == 0 else "")
 
 
 def unavailable(name: str, params: dict | None = None) -> str:
@@ -200,8 +200,9 @@ def describe(name: str) -> dict:
     not found), the optional package it needs, and whether it can run here (``reason`` if not)."""
     fn = ANNOTATORS[name]
     defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.name != "image"}
-    weights = [{"file": w.file, "repos": list(w.repos), "what": w.what,
-                "found": str(found) if (found := locate(w)) else None} for w in WEIGHTS.get(name, ())]
+    weights = [{"file": options(need)[0].file, "repos": list(options(need)[0].repos), "what": options(need)[0].what,
+                "alternatives": [{"file": w.file, "repos": list(w.repos), "what": w.what} for w in options(need)[1:]],
+                "found": str(found) if (found := locate_any(need)) else None} for need in WEIGHTS.get(name, ())]
     reason = unavailable(name)
     return {"name": name, "doc": (inspect.getdoc(fn) or "").split("\n")[0],
             "params": {k: {"default": defaults.get(k), "valid": spec.describe()} for k, spec in PARAMS[name].items()},

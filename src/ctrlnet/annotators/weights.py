@@ -155,6 +155,38 @@ def locate(weights: Weights) -> Path | None:
     return next((p for p in candidates(weights) if _usable(p, weights)), None)
 
 
+# A detector's need: one Weights, or a tuple of alternatives any one of which will do (MiDaS: the
+# original .pt or a transformers folder).
+Need = Weights | tuple[Weights, ...]
+
+
+def options(need: Need) -> tuple[Weights, ...]:
+    return need if isinstance(need, tuple) else (need,)
+
+
+def find_any(name: str, need: Need, model: str | os.PathLike = "") -> Path:
+    """``find`` for the first of ``need``'s alternatives that is present (``model``, when given,
+    must be one of them: the first alternative whose kind, file or folder, it matches)."""
+    alternatives = options(need)
+    if model:
+        folder = Path(model).expanduser().is_dir() and (Path(model).expanduser() / "config.json").is_file()
+        w = next((w for w in alternatives if w.folder == folder), alternatives[0])
+        return find(name, w, model)
+    for w in alternatives:
+        if (path := locate(w)) is not None:
+            return path
+    try:
+        return find(name, alternatives[0])
+    except WeightsNotFound as e:
+        others = "; ".join(f"{w.describe()} ({', '.join(w.repos)})" for w in alternatives[1:])
+        raise WeightsNotFound(f"{e}" + (f"; any of these would do instead, looked for in the same places: {others}"
+                                        if others else "")) from None
+
+
+def locate_any(need: Need) -> Path | None:
+    return next((p for w in options(need) if (p := locate(w)) is not None), None)
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def read_state_dict(path: str | os.PathLike, name: str, what: str) -> dict[str, torch.Tensor]:

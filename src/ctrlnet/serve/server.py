@@ -9,7 +9,8 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from ..annotators import ALIASES, ANNOTATORS, NEEDS, WEIGHTS, check_params, get_annotator, locate, resolution_size
+from ..annotators import ALIASES, ANNOTATORS, NEEDS, WEIGHTS, check_params, get_annotator, resolution_size
+from ..annotators.weights import locate_any, options
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, png_bytes, resize_any
 from ..names import is_nano
@@ -83,8 +84,9 @@ class Server:
         server's paths: the package or weight file it lacks and where that is published."""
         if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
             return f"needs the {NEEDS[name]!r} package, not installed on this server"
-        for w in WEIGHTS.get(name, ()):
-            if locate(w) is None:
+        for need in WEIGHTS.get(name, ()):
+            if locate_any(need) is None:
+                w = options(need)[0]
                 return (f"weights not found on this server: {w.describe()} (published at "
                         f"{', '.join('https://huggingface.co/' + r for r in w.repos)}; its operator puts it in "
                         f"$CTRLNET_ANNOTATORS or ~/.cache/ctrlnet/annotators)")
