@@ -10,9 +10,10 @@ configs kept); DWPose's ONNX stand-ins are tiny graphs, so its figure is the pre
 only and is marked so. Compute does not depend on the weights' values, except where a detector's
 work follows what it finds (DWPose: people found; M-LSD: lines), which random weights change.
 
-Per annotator: load = the first call after the cache is cleared minus a steady call; single = the
-mean of --reps calls on one image; batch = --batch images (one size) per call through the
-annotator's list form (``BATCH``), images/s. Inputs: ShapesWorld targets rendered at --size
+Per annotator: load = the first call after the cache is cleared minus a steady call (reading the
+file, building the network, and the first call's one-off costs); single = --reps calls on one image
+each; batch = --reps calls of --batch images (one size) through the annotator's list form
+(``BATCH``), after one warm-up call; images/s. Inputs: ShapesWorld targets rendered at --size
 (seeds 0..), torch's default threads.
 """
 
@@ -112,8 +113,9 @@ def measure(name: str, images: list[np.ndarray], reps: int) -> dict:
     if name in BATCH:
         one(images)  # warm the batch shapes
         start = time.perf_counter()
-        one(images)
-        row["batch_img_s"] = round(len(images) / (time.perf_counter() - start), 2)
+        for _ in range(reps):
+            one(images)
+        row["batch_img_s"] = round(reps * len(images) / (time.perf_counter() - start), 2)
     return row
 
 
@@ -138,7 +140,7 @@ def main() -> None:
     for folder, what in made.items():
         print(f"# {folder}: {what}")
     images = inputs(args.size, args.batch)
-    print("| annotator | load s | single img/s | batch img/s |\n|---|---|---|---|")
+    print("| annotator | load s | single img/s | batch img/s |\n|---|---|---|---|", flush=True)
     for name in names:
         reason = unavailable(name)
         if reason:

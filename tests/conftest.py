@@ -15,6 +15,19 @@ from ctrlnet.testbed.tiny import FAMILIES, tiny_unet
 HINT_CHANNELS = (4, 8, 8, 8)  # small hint encoder, still 3 stride-2 convs (8x, as for an SD VAE)
 
 
+@pytest.fixture(autouse=True)
+def no_real_detector_weights(tmp_path_factory, monkeypatch):
+    """No test finds the machine's own detector weights ($CTRLNET_ANNOTATORS,
+    ~/.cache/ctrlnet/annotators, the Hugging Face cache): the neural annotators are unavailable
+    unless a test puts random weights in place, on every machine alike."""
+    from ctrlnet.annotators import weights
+    empty = tmp_path_factory.getbasetemp() / "no-detector-weights"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.setenv("CTRLNET_ANNOTATORS", str(empty))
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty / "hub"))
+    monkeypatch.setattr(weights, "ANNOTATORS_DIR", empty / "home-cache")
+
+
 def randomize(module, seed=0, std=0.1):
     """Give every parameter (the zero convs too) random values so outputs are non-trivial."""
     g = torch.Generator().manual_seed(seed)
@@ -77,7 +90,9 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "ctrlnet.cli", "serve", "--port", str(port), "--queue", "1",
            "--max-upload-mb", "1", "--max-pixels", "1000000", "--max-steps", "50", "--max-images", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    empty = tmp_path_factory.mktemp("no-detector-weights")  # the machine's own weights are not found
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           "CTRLNET_ANNOTATORS": str(empty), "HF_HUB_CACHE": str(empty / "hub"), "HOME": str(empty / "home")}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     client = Client(f"http://127.0.0.1:{port}")

@@ -250,8 +250,8 @@ def cmd_annotators(args) -> int:
         for w in e["weights"]:
             print(f"    weights {w['file'] or w['repos'][0]}: " + (w["found"] or f"not found (published at "
                                                                      f"{', '.join(w['repos'])})"))
-        if not e["available"] and not e["weights"]:
-            print(f"    {e['reason']}")
+        if not e["available"] and not any(w["found"] is None for w in e["weights"]):
+            print(f"    {e['reason']}")  # not a missing file (listed above): a package, a bad file
     ready = sum(e["available"] for e in entries)
     print(f"{ready} of {len(entries)} ready; weights are looked for in $CTRLNET_ANNOTATORS, "
           f"~/.cache/ctrlnet/annotators and the Hugging Face cache (never downloaded)")

@@ -105,3 +105,22 @@ def test_generate_and_train_config_with_a_neural_annotator(places, capsys):
     hed.write_random_weights(places / "weights")
     assert main(args) == 0 and (places / "gen.png").is_file()
     TrainConfig(data=str(src), annotator="softedge_hed").validate()
+
+
+def test_a_bad_weight_file_is_one_error_not_one_per_image(places, capsys):
+    src = photos(places / "in")
+    (places / "weights").mkdir()
+    (places / "weights" / "ControlNetHED.pth").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["annotate", "--annotator", "softedge_hed", str(src), "--out", str(places / "out")]) == 2
+    errors = [l for l in capsys.readouterr().err.splitlines() if "error" in l or "failed" in l]
+    assert len(errors) == 1 and "ControlNetHED.pth" in errors[0] and "could not be read" in errors[0]
+
+
+def test_a_control_checks_its_detector_before_anything_loads(places):
+    from ctrlnet.annotators import WeightsNotFound
+    from ctrlnet.pipeline import Control
+    control = Control(model="nano-canny", image=np.zeros((8, 8, 3), np.uint8), annotator="softedge_hed")
+    with pytest.raises(WeightsNotFound, match="ControlNetHED.pth"):
+        control.check()  # generate checks every unit before it loads the base
+    hed.write_random_weights(places / "weights")
+    control.check()

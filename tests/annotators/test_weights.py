@@ -4,6 +4,7 @@ safely (weights_only pickles, strict keys and shapes, nothing half-loaded, cache
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ FOLDER = Weights("", ("org/depth-small-hf", "org/depth-large-hf"), "a test depth
 def isolated(tmp_path, monkeypatch):
     """No real home, annotator folder or hub cache is ever searched."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(W, "ANNOTATORS_DIR", Path("~/.cache/ctrlnet/annotators"))  # the real default, HOME moved
     monkeypatch.delenv("CTRLNET_ANNOTATORS", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     W.clear_cache()
@@ -178,3 +180,32 @@ def test_cache_loads_once_and_again_when_the_file_changes(tmp_path):
     with pytest.raises(WeightsError):
         W.cached(other, "tiny", failing)
     assert W.cached(other, "tiny", build) == 4  # a failed build is not kept
+
+
+def test_alternatives_are_found_place_by_place(tmp_path, monkeypatch):
+    """Any of several files will do (MiDaS: the .pt or a transformers folder): the README's place
+    order wins over the order of the alternatives."""
+    need = (NET, FOLDER)
+    hub = touch(tmp_path / "hub/models--someone--Annotators/snapshots/abc/net.pth")
+    assert W.find_any("t", need) == hub
+    monkeypatch.setenv("CTRLNET_ANNOTATORS", str(tmp_path / "ann"))
+    folder = touch(tmp_path / "ann/depth-small-hf/config.json", b"{}").parent
+    assert W.find_any("t", need) == folder  # $CTRLNET_ANNOTATORS before the hub, though second
+    file = touch(tmp_path / "ann/net.pth")
+    assert W.find_any("t", need) == file  # one place: the first alternative
+    assert W.find_any("t", need, folder) == folder  # model= of either kind
+    for p in (hub, file):
+        p.unlink()
+    (folder / "config.json").unlink()
+    with pytest.raises(WeightsNotFound, match=r"net.pth .*any of these would do instead.*org/depth-small-hf"):
+        W.find_any("t", need)
+
+
+def test_a_folder_is_loaded_again_when_a_file_in_it_changes(tmp_path):
+    folder = touch(tmp_path / "model/config.json", b"{}").parent
+    weights = touch(folder / "model.safetensors", b"1")
+    calls = []
+    build = lambda: calls.append(1) or len(calls)
+    assert W.cached(folder, "tiny", build) == 1 and W.cached(folder, "tiny", build) == 1
+    weights.write_bytes(b"22")  # overwritten in place: the folder's own mtime may not change
+    assert W.cached(folder, "tiny", build) == 2

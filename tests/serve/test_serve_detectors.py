@@ -69,3 +69,11 @@ def test_a_client_cannot_name_a_weight_file(app, places):
         "prompt": "x", "steps": 1, "controls": [{"model": "nano-canny", "image": b64png(photo()),
                                                  "annotator": "softedge_hed", "params": {"model": "/etc/passwd"}}]}))
     assert status == 400 and "controls.0.params.model" in r["error"]
+
+
+def test_a_bad_weight_file_is_a_400_without_the_servers_paths(app, places):
+    (places / "weights").mkdir()
+    (places / "weights" / "ControlNetHED.pth").write_bytes(b"not a checkpoint")
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/api/detect", {"image": b64png(photo()),
+                                                                      "annotator": "softedge_hed"}))
+    assert status == 400 and "could not be loaded" in r["error"] and str(places) not in r["error"]

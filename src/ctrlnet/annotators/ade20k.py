@@ -316,13 +316,16 @@ def upsampled_argmax(scores: torch.Tensor, height: int, width: int) -> torch.Ten
 def _scores(net: Segmenter, images: list[np.ndarray]) -> torch.Tensor:
     """(B, 150, h, w) class scores of same-size (H, W, 3) uint8 ``images``."""
     if net.task is None:
-        pixels = net.processor(images=images, return_tensors="pt")["pixel_values"].to(device())  # (B, 3, h, w)
+        # channels_last said: a 1- or 3-pixel-tall image would be read as channels-first
+        pixels = net.processor(images=images, return_tensors="pt",
+                               input_data_format="channels_last")["pixel_values"].to(device())  # (B, 3, h, w)
         if isinstance(net.model, UperNetForSemanticSegmentation):
             # the model's forward without its auxiliary head (a training aid, half the upsampling work)
             logits = net.model.decode_head(net.model.backbone(pixels).feature_maps)  # (B, 150, h / 4, w / 4)
             return F.interpolate(logits, size=pixels.shape[2:], mode="bilinear", align_corners=False)
         return net.model(pixel_values=pixels).logits  # (B, 150, h / 4, w / 4)
-    inputs = net.processor(images=images, task_inputs=["semantic"] * len(images), return_tensors="pt")
+    inputs = net.processor(images=images, task_inputs=["semantic"] * len(images), return_tensors="pt",
+                           input_data_format="channels_last")
     out = net.model(pixel_values=inputs["pixel_values"].to(device()), pixel_mask=inputs["pixel_mask"].to(device()),
                     task_inputs=net.task.expand(len(images), -1), output_hidden_states=False,
                     output_attentions=False, return_dict=True)
@@ -376,7 +379,7 @@ def _labels() -> dict:
     return {"id2label": dict(enumerate(ADE20K_CLASSES)), "label2id": {n: i for i, n in enumerate(ADE20K_CLASSES)}}
 
 
-def write_random_weights(folder: Path, seed: int = 0) -> None:
+def _write_random_weights(folder: Path, seed: int) -> None:
     """A TINY random model of each segmenter, with ADE20K's labels and its published processor
     config, in ``folder/<repo basename>`` (``segformer-b0-finetuned-ade-512-512``,
     ``upernet-convnext-small``, ``oneformer_ade20k_swin_tiny``), so ``CTRLNET_ANNOTATORS=folder``
@@ -441,3 +444,9 @@ def _retype(path: Path, processor_type: str) -> None:
     data = json.loads(path.read_text())
     data["image_processor_type"] = processor_type
     path.write_text(json.dumps(data, indent=2))
+
+
+def write_random_weights(folder: Path, seed: int = 0) -> None:
+    """``_write_random_weights`` without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        _write_random_weights(folder, seed)

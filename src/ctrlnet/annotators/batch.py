@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..images import ImageError, load_image, png_bytes, png_text
 from . import BATCH, BATCH_SIZE, canonical, get_annotator, require, resolved_params
+from .weights import WeightsError, WeightsNotFound
 from . import dwpose
 from .pose import detect_people, draw_openpose, openpose_json
 
@@ -148,6 +149,8 @@ def _run_batched(name: str, params: dict, chunk: list[tuple]) -> list[tuple[str,
             maps = get_annotator(name, **params)(batch)
         for k, out, key in zip(images, maps, keys):
             results[k] = (_write(Path(chunk[k][3]), out, key, record(name, params)), None)
+    except (WeightsError, WeightsNotFound):
+        raise  # the detector's file, not an image: one error for the batch, not one reload per file
     except (ValueError, OSError):
         for k in images:
             results[k] = _run_one(chunk[k])
@@ -211,20 +214,22 @@ def annotate(name: str, inputs: list[str | Path], out: str | Path, params: dict 
     bar = tqdm(total=len(todo), desc=f"annotate {name}", unit="img", disable=not progress)
     args = [(name, params, str(j.source), str(out / j.rel)) for j in todo]
     results = []
-    if name in BATCH:  # a neural detector: batched in this process (its torch threads use the cores)
-        for start in range(0, len(args), BATCH_SIZE):
-            results += _run_batched(name, params, args[start:start + BATCH_SIZE])
-            bar.update(len(args[start:start + BATCH_SIZE]))
-    elif workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for r in pool.map(_run_one, args, chunksize=max(1, len(args) // (workers * 8))):
-                results.append(r)
+    try:
+        if name in BATCH:  # a neural detector: batched in this process (its torch threads use the cores)
+            for start in range(0, len(args), BATCH_SIZE):
+                results += _run_batched(name, params, args[start:start + BATCH_SIZE])
+                bar.update(len(args[start:start + BATCH_SIZE]))
+        elif workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for r in pool.map(_run_one, args, chunksize=max(1, len(args) // (workers * 8))):
+                    results.append(r)
+                    bar.update(1)
+        else:
+            for a in args:
+                results.append(_run_one(a))
                 bar.update(1)
-    else:
-        for a in args:
-            results.append(_run_one(a))
-            bar.update(1)
-    bar.close()
+    finally:
+        bar.close()  # also when a detector's weights stop the batch
     for j, (target, error) in zip(todo, results):
         if error:
             report.failed.append((j.source, error))

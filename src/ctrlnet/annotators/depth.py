@@ -490,7 +490,7 @@ def _varied(net: torch.nn.Module, last: torch.nn.Conv2d) -> torch.nn.Module:
     return net
 
 
-def write_random_weights(folder: Path, seed: int = 0) -> None:
+def _write_random_weights(folder: Path, seed: int) -> None:
     """Random weights under the published names, so that ``CTRLNET_ANNOTATORS=folder`` makes every
     annotator here available: the full-size ``dpt_hybrid-midas-501f0c75.pt`` in the original
     (isl-org/MiDaS, timm) key layout, and tiny random transformers folders ``dpt-hybrid-midas``,
@@ -510,3 +510,9 @@ def write_random_weights(folder: Path, seed: int = 0) -> None:
         net = DepthAnythingForDepthEstimation(tiny_depth_anything_config())
         _varied(net, net.head.conv3).save_pretrained(folder / repo)
         (folder / repo / "preprocessor_config.json").write_text(json.dumps(DEPTH_ANYTHING_PROCESSOR, indent=2))
+
+
+def write_random_weights(folder: Path, seed: int = 0) -> None:
+    """``_write_random_weights`` without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        _write_random_weights(folder, seed)

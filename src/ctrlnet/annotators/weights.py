@@ -172,9 +172,9 @@ def find_any(name: str, need: Need, model: str | os.PathLike = "") -> Path:
         folder = Path(model).expanduser().is_dir() and (Path(model).expanduser() / "config.json").is_file()
         w = next((w for w in alternatives if w.folder == folder), alternatives[0])
         return find(name, w, model)
-    for w in alternatives:
-        if (path := locate(w)) is not None:
-            return path
+    found = locate_any(need)
+    if found is not None:
+        return found
     try:
         return find(name, alternatives[0])
     except WeightsNotFound as e:
@@ -183,8 +183,17 @@ def find_any(name: str, need: Need, model: str | os.PathLike = "") -> Path:
                                         if others else "")) from None
 
 
+def _place(path: Path) -> int:
+    """Which search place ``path`` lies in: the index in ``search_dirs()``, after them the hub cache."""
+    dirs = search_dirs()
+    return next((i for i, d in enumerate(dirs) if path.is_relative_to(d)), len(dirs))
+
+
 def locate_any(need: Need) -> Path | None:
-    return next((p for w in options(need) if (p := locate(w)) is not None), None)
+    """Where the first of ``need``'s alternatives would be found, place by place (an alternative in
+    ``$CTRLNET_ANNOTATORS`` before another in the hub cache), alternatives in order within a place."""
+    found = [(p, k) for k, w in enumerate(options(need)) if (p := locate(w)) is not None]
+    return min(found, key=lambda pk: (_place(pk[0]), pk[1]))[0] if found else None
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -284,12 +293,15 @@ _cache: OrderedDict[tuple, Any] = OrderedDict()
 
 
 def cached(path: str | os.PathLike, kind: str, build: Callable[[], Any], **key) -> Any:
-    """``build()`` once per (``kind``, ``path`` with its size and mtime, ``key``, device): the loaded
-    detector is kept (the last ``CACHE_SIZE``), so a batch or a server loads a file once. A file
-    replaced on disk is loaded again."""
-    stat = Path(path).stat()
-    full = (kind, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, str(device()),
-            tuple(sorted(key.items())))
+    """``build()`` once per (``kind``, ``path`` with its size and mtime - a folder's files' -, ``key``,
+    device): the loaded detector is kept (the last ``CACHE_SIZE``), so a batch or a server loads a
+    file once. A file replaced on disk is loaded again."""
+    path = Path(path)
+    # a transformers folder changes when a file in it does (its own mtime does not follow a file
+    # overwritten in place): its files' sizes and mtimes are the key
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    full = (kind, str(path.resolve()), stats, str(device()), tuple(sorted(key.items())))
     if full in _cache:
         _cache.move_to_end(full)
         return _cache[full]

@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..annotators import ALIASES, get_annotator
+from ..annotators import ALIASES, get_annotator, require
 from ..images import load_image
 from ..pipeline import Control, Pipeline, Region
 from ..testbed.shapes import with_article
@@ -183,6 +183,9 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
     glob, each checkpoint's net compiles anew)."""
     if not controls:
         raise ValueError("eval: give at least one --control")
+    for c in controls:  # a detector's weights or package: before the base loads
+        if c.annotator:
+            require(c.annotator, c.annotator_params)
     for c in controls:
         if not isinstance(c.model, (str, Path)):
             raise ValueError(f"eval: control model {type(c.model).__name__}: give a name or path (the report "

@@ -28,7 +28,7 @@ from PIL import Image
 import torch._inductor.config as inductor_config
 from tqdm.auto import tqdm
 
-from ..annotators import condition_for, get_annotator
+from ..annotators import condition_for, get_annotator, require
 from ..base import LockedBase, load_base
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, as_rgb, resize_plain, resize_to, round_size
@@ -82,6 +82,7 @@ class Control:
             raise ValueError(f"{where}: no image given")
         if self.annotator and self.annotator != "inpaint":
             get_annotator(self.annotator, **self.annotator_params)  # unknown names/parameters fail here, early
+            require(self.annotator, self.annotator_params)  # its weights / package: before the base loads
         elif self.annotator_params:  # they would be ignored: say so instead
             raise ValueError(f"{where}: annotator parameters {sorted(self.annotator_params)} given but no annotator "
                              "(add annotator=NAME)")

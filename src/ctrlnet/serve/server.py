@@ -10,7 +10,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from ..annotators import ALIASES, ANNOTATORS, NEEDS, WEIGHTS, check_params, get_annotator, resolution_size
-from ..annotators.weights import locate_any, options
+from ..annotators.weights import WeightsError, WeightsNotFound, locate_any, options
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, png_bytes, resize_any
 from ..names import is_nano
@@ -31,6 +31,14 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def weights_problem(annotator: str, e: Exception) -> str:
+    """A detector's weight trouble as a client is told it: what kind, without the server's paths
+    (its operator sees the full message with ``ctrlnet annotators``)."""
+    kind = "not found" if isinstance(e, WeightsNotFound) else "could not be loaded"
+    who = f"annotator {annotator!r}" if annotator else "an annotator"
+    return f"{who}: its weights {kind} on this server; its operator can check them with `ctrlnet annotators`"
 
 
 class Server:
@@ -202,6 +210,8 @@ class Server:
             try:
                 control.check()
                 self.pipe.controlnets[unit.model].residual_scales(unit.scale)  # one weight, or one per residual
+            except (WeightsError, WeightsNotFound) as e:
+                raise ApiError(400, f"controls.{i}: " + weights_problem(unit.annotator, e)) from None
             except (ValueError, TypeError) as e:  # TypeError: get_annotator given a parameter of the wrong kind
                 raise ApiError(400, f"controls.{i}: {e}") from None
             out.append(control)
@@ -227,6 +237,8 @@ class Server:
         try:
             fn = get_annotator(annotator, **params)
             out = fn(rgb)  # rgb: already within the server's caps (fit, check_resolutions)
+        except (WeightsError, WeightsNotFound) as e:
+            raise ApiError(400, weights_problem(annotator, e)) from None
         except (ValueError, TypeError) as e:  # the annotators' own errors name the annotator; say it once
             message = str(e) if repr(annotator) in str(e) else f"annotator {annotator!r}: {e}"
             raise ApiError(400, message) from None
@@ -248,6 +260,8 @@ class Server:
             return result, [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
         try:
             result, notes = self.model_thread.submit(work).result()
+        except (WeightsError, WeightsNotFound) as e:
+            raise ApiError(400, weights_problem("", e)) from None
         except ValueError as e:  # the pipeline's own checks that need the model: image sizes, ...
             raise ApiError(400, str(e)) from None
         w, h = result.images[0].size
