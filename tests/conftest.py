@@ -20,12 +20,11 @@ def no_real_detector_weights(tmp_path_factory, monkeypatch):
     """No test finds the machine's own detector weights ($CTRLNET_ANNOTATORS,
     ~/.cache/ctrlnet/annotators, the Hugging Face cache): the neural annotators are unavailable
     unless a test puts random weights in place, on every machine alike."""
-    from ctrlnet.annotators import weights
     empty = tmp_path_factory.getbasetemp() / "no-detector-weights"
     empty.mkdir(exist_ok=True)
     monkeypatch.setenv("CTRLNET_ANNOTATORS", str(empty))
     monkeypatch.setenv("HF_HUB_CACHE", str(empty / "hub"))
-    monkeypatch.setattr(weights, "ANNOTATORS_DIR", empty / "home-cache")
+    monkeypatch.setenv("HOME", str(empty / "home"))  # ~/.cache/ctrlnet/annotators
 
 
 def randomize(module, seed=0, std=0.1):
