@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (AutoConfig, ConvNextConfig, DepthAnythingConfig, DepthAnythingForDepthEstimation,
+from transformers import (ConvNextConfig, DepthAnythingConfig, DepthAnythingForDepthEstimation,
                           Dinov2Config, OneFormerConfig, OneFormerModel, SegformerConfig,
                           SegformerForSemanticSegmentation, SwinConfig, UperNetConfig,
                           UperNetForSemanticSegmentation)

@@ -26,15 +26,6 @@ PUBLISHED_PARAMETERS = 123_146_985
 PUBLISHED_DIGEST = "c49e6991beadcbb8db17cd25ee3ec664f3dd400537e077c35c1b8bd453568f41"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets run as fast on one thread, and two threads on a busy 2-core box run 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("depth")

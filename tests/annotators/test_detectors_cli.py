@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ctrlnet import cli
@@ -22,12 +21,9 @@ def places(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("CTRLNET_ANNOTATORS", str(tmp_path / "weights"))
     monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small images: one thread is faster on a shared 2-core box
     W.clear_cache()
     yield tmp_path
     W.clear_cache()
-    torch.set_num_threads(threads)
 
 
 def photos(folder, sizes=((64, 96), (64, 96), (96, 64))):

@@ -19,15 +19,6 @@ NAMES = ("softedge_hed", "softedge_hedsafe", "scribble_hed")
 KEYS, PARAMETERS = 37, 14_716_168
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box two threads spin against other processes (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("hed")

@@ -27,16 +27,6 @@ def folder(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box, OpenMP threads waiting on each other make these
-    small convolutions 5-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """Nothing from the real home or hub cache is ever found."""

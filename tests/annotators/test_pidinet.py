@@ -24,15 +24,6 @@ KEYS, PARAMETERS = 83, 710_149
 CONVERTED = PARAMETERS + 16 * (60 + 120 + 240 + 240)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box two threads spin against other processes (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("pidi")

@@ -52,7 +52,7 @@ from transformers import (BitConfig, DepthAnythingConfig, DepthAnythingForDepthE
 
 from ..images import resize_photo, resize_plain
 from .spec import Spec
-from .weights import (Weights, WeightsError, WeightsNotFound, cached, check_folder, device, find, find_any,
+from .weights import (Weights, WeightsError, cached, check_folder, device, find, find_any,
                       load_strict, read_state_dict, strip_prefix)
 
 MIDAS = Weights("dpt_hybrid-midas-501f0c75.pt", ("lllyasviel/Annotators",),
