@@ -33,17 +33,6 @@ def folder(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """No real home, hub cache or annotator folder is searched."""
-    for var, sub in (("CTRLNET_ANNOTATORS", "ann"), ("HF_HUB_CACHE", "hub"), ("HOME", "home")):
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.delenv("HF_HOME", raising=False)
-    weights.clear_cache()
-    return tmp_path
-
-
 def photo(h=48, w=64, seed=0):
     """A smooth random photo (a few random colours, upscaled) - not noise."""
     import cv2

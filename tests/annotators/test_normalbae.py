@@ -28,16 +28,6 @@ def folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """No real weight folder or hub cache is ever searched."""
-    for var, sub in (("CTRLNET_ANNOTATORS", "ann"), ("HF_HUB_CACHE", "hub"), ("HOME", "home")):
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.delenv("HF_HOME", raising=False)
-    return tmp_path
-
-
 def photo(h=64, w=96, seed=0):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]

@@ -31,18 +31,6 @@ def folder(tmp_path_factory):
     return d
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """No real place is searched: the annotator folder, hub cache and home are empty tmp dirs."""
-    for var, sub in (("CTRLNET_ANNOTATORS", "ann"), ("HF_HUB_CACHE", "hub"), ("HOME", "home")):
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.delenv("HF_HOME", raising=False)
-    weights.clear_cache()
-    yield tmp_path
-    weights.clear_cache()
-
-
 def photo(h=64, w=64, seed=0):
     rng = np.random.default_rng(seed)
     img = np.full((h, w, 3), (40, 90, 160), np.uint8)
