@@ -15,6 +15,7 @@ from transformers import AutoImageProcessor, DPTConfig, DPTForDepthEstimation
 from ctrlnet.annotators import depth as D
 from ctrlnet.annotators import get_annotator, unavailable, weights
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
+from detector_fixtures import isolated, one_torch_thread  # noqa: F401 (fixtures)
 
 # The published dpt_hybrid-midas-501f0c75.pt = the state dict of ControlNet's (and isl-org/MiDaS's)
 # DPTDepthModel(backbone="vitb_rn50_384"), which loads it strictly. Numbers from instantiating that

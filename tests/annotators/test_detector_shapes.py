@@ -9,6 +9,7 @@ import pytest
 from ctrlnet.annotators import WEIGHTS, get_annotator, unavailable
 from ctrlnet.annotators import ade20k, depth, dwpose, hed, lineart_nets, mlsd, normalbae, pidinet
 from ctrlnet.annotators import weights as W
+from detector_fixtures import one_torch_thread  # noqa: F401 (fixtures)
 
 MODULES = (hed, pidinet, lineart_nets, mlsd, depth, normalbae, ade20k, dwpose)
 NAMES = sorted(WEIGHTS)

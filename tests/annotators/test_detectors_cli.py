@@ -13,6 +13,7 @@ from ctrlnet import cli
 from ctrlnet.annotators import dwpose, get_annotator, hed
 from ctrlnet.annotators import weights as W
 from ctrlnet.cli import main
+from detector_fixtures import one_torch_thread  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import torch
 
 from ctrlnet.annotators import get_annotator, hed, pidinet, weights
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
+from detector_fixtures import isolated, one_torch_thread  # noqa: F401 (fixtures)
 
 NAMES = ("softedge_hed", "softedge_hedsafe", "scribble_hed")
 # From the reference class (ControlNet-v1-1-nightly annotator/hed/__init__.py, ControlNetHED_Apache2(),

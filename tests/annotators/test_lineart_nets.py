@@ -12,6 +12,7 @@ from ctrlnet.annotators import get_annotator, lineart_nets, unavailable, weights
 from ctrlnet.annotators.lineart_nets import (Generator, UnetGenerator, lineart_anime, lineart_anime_batch,
                                              lineart_coarse, lineart_realistic, lineart_realistic_batch, pad64)
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
+from detector_fixtures import one_torch_thread  # noqa: F401 (fixtures)
 
 # From the reference classes (ControlNet v1.1 annotator/lineart Generator(3, 1, 3) and
 # annotator/lineart_anime UnetGenerator(3, 1, 8, 64, affine-free InstanceNorm)) instantiated in a

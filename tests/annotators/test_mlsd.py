@@ -10,6 +10,7 @@ from ctrlnet.annotators import WEIGHTS, available, get_annotator, mlsd as mlsd_m
 from ctrlnet.annotators.lineart_nets import Generator, pad64
 from ctrlnet.annotators.mlsd import MobileV2_MLSD_Large, decode_lines, draw_lines, lines_lsd, mlsd, mlsd_batch
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
+from detector_fixtures import one_torch_thread  # noqa: F401 (fixtures)
 
 # From the reference class (ControlNet v1.1 annotator/mlsd MobileV2_MLSD_Large) instantiated in a
 # scratch script: 362 state-dict entries (57 of them BatchNorm's num_batches_tracked), 1,552,681

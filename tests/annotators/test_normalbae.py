@@ -12,6 +12,7 @@ import torch
 
 from ctrlnet.annotators import BATCH, get_annotator, normalbae, weights
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
+from detector_fixtures import isolated  # noqa: F401 (fixtures)
 
 PUBLISHED_KEYS = 936
 PUBLISHED_PARAMETERS = 72_422_336

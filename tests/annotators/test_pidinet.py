@@ -14,6 +14,7 @@ from torch import nn
 
 from ctrlnet.annotators import get_annotator, hed, pidinet, weights
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
+from detector_fixtures import isolated, one_torch_thread  # noqa: F401 (fixtures)
 
 NAMES = ("softedge_pidinet", "softedge_pidisafe", "scribble_pidinet")
 # From the reference (ControlNet-v1-1-nightly annotator/pidinet/model.py, ``pidinet()`` = PiDiNet(60,

@@ -1,4 +1,5 @@
-"""Fixtures of the annotator tests: one torch thread (their networks run on small images, where one
+"""Fixtures of the detector tests, imported by the test modules that use them (a conftest.py in
+tests/annotators/ would shadow tests/conftest.py, which tests import helpers from): one torch thread (their networks run on small images, where one
 thread is as fast, and two threads on a shared 2-core machine wait on each other, 5-20x slower);
 ``isolated``: no real place is searched for detector weights."""
 
