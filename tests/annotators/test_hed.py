@@ -11,7 +11,7 @@ import torch
 
 from ctrlnet.annotators import get_annotator, hed, pidinet, weights
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
-from detector_fixtures import isolated, one_torch_thread  # noqa: F401 (fixtures)
+from detector_fixtures import blob_photo as photo, isolated, one_torch_thread  # noqa: F401 (fixtures)
 
 NAMES = ("softedge_hed", "softedge_hedsafe", "scribble_hed")
 # From the reference class (ControlNet-v1-1-nightly annotator/hed/__init__.py, ControlNetHED_Apache2(),
@@ -25,13 +25,6 @@ def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("hed")
     hed.write_random_weights(d, seed=0)
     return d
-
-
-def photo(h=64, w=64, seed=0):
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w, 3), (40, 90, 160), np.uint8)
-    cv2.circle(img, (w // 2, h // 2), min(h, w) // 3, (230, 200, 30), -1)
-    return np.clip(img.astype(int) + rng.integers(-15, 15, img.shape), 0, 255).astype(np.uint8)
 
 
 def test_published_layout_loads_strictly(folder):

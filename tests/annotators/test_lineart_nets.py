@@ -12,7 +12,7 @@ from ctrlnet.annotators import get_annotator, lineart_nets, unavailable, weights
 from ctrlnet.annotators.lineart_nets import (Generator, UnetGenerator, lineart_anime, lineart_anime_batch,
                                              lineart_coarse, lineart_realistic, lineart_realistic_batch, pad64)
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
-from detector_fixtures import one_torch_thread  # noqa: F401 (fixtures)
+from detector_fixtures import line_photo as photo, no_weight_places, one_torch_thread  # noqa: F401 (fixtures)
 
 # From the reference classes (ControlNet v1.1 annotator/lineart Generator(3, 1, 3) and
 # annotator/lineart_anime UnetGenerator(3, 1, 8, 64, affine-free InstanceNorm)) instantiated in a
@@ -29,20 +29,8 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
+def isolated(no_weight_places):
     """Nothing from the real home or hub cache is ever found."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.delenv("CTRLNET_ANNOTATORS", raising=False)
-    monkeypatch.delenv("CTRLNET_ANNOTATOR_DEVICE", raising=False)
-    monkeypatch.setattr(weights, "ANNOTATORS_DIR", tmp_path / "home" / "annotators")
-
-
-def photo(h=64, w=96, seed=0):
-    rng = np.random.default_rng(seed)
-    a = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3)).astype(np.uint8), (0, 0), 2)
-    cv2.line(a, (4, h // 2), (w - 4, h // 3), (0, 0, 0), 2)
-    return a
 
 
 def test_published_layouts_load_strictly(folder):

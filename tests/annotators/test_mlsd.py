@@ -10,7 +10,7 @@ from ctrlnet.annotators import WEIGHTS, available, get_annotator, mlsd as mlsd_m
 from ctrlnet.annotators.lineart_nets import Generator, pad64
 from ctrlnet.annotators.mlsd import MobileV2_MLSD_Large, decode_lines, draw_lines, lines_lsd, mlsd, mlsd_batch
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
-from detector_fixtures import one_torch_thread  # noqa: F401 (fixtures)
+from detector_fixtures import line_photo as photo, no_weight_places, one_torch_thread  # noqa: F401 (fixtures)
 
 # From the reference class (ControlNet v1.1 annotator/mlsd MobileV2_MLSD_Large) instantiated in a
 # scratch script: 362 state-dict entries (57 of them BatchNorm's num_batches_tracked), 1,552,681
@@ -46,19 +46,8 @@ def lively(tmp_path_factory, folder):
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.delenv("CTRLNET_ANNOTATORS", raising=False)
-    monkeypatch.delenv("CTRLNET_ANNOTATOR_DEVICE", raising=False)
-    monkeypatch.setattr(weights, "ANNOTATORS_DIR", tmp_path / "home" / "annotators")
-
-
-def photo(h=64, w=96, seed=0):
-    rng = np.random.default_rng(seed)
-    a = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3)).astype(np.uint8), (0, 0), 2)
-    cv2.line(a, (4, h // 2), (w - 4, h // 3), (0, 0, 0), 2)
-    return a
+def isolated(no_weight_places):
+    """Nothing from the real home or hub cache is ever found."""
 
 
 def test_published_layout_loads_strictly(folder):

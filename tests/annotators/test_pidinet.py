@@ -5,7 +5,6 @@ where weights are found, batch == single."""
 
 import pathlib
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from ctrlnet.annotators import get_annotator, hed, pidinet, weights
 from ctrlnet.annotators.weights import WeightsError, WeightsNotFound
-from detector_fixtures import isolated, one_torch_thread  # noqa: F401 (fixtures)
+from detector_fixtures import blob_photo as photo, isolated, one_torch_thread  # noqa: F401 (fixtures)
 
 NAMES = ("softedge_pidinet", "softedge_pidisafe", "scribble_pidinet")
 # From the reference (ControlNet-v1-1-nightly annotator/pidinet/model.py, ``pidinet()`` = PiDiNet(60,
@@ -30,13 +29,6 @@ def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("pidi")
     pidinet.write_random_weights(d, seed=0)
     return d
-
-
-def photo(h=64, w=64, seed=0):
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w, 3), (40, 90, 160), np.uint8)
-    cv2.circle(img, (w // 2, h // 2), min(h, w) // 3, (230, 200, 30), -1)
-    return np.clip(img.astype(int) + rng.integers(-15, 15, img.shape), 0, 255).astype(np.uint8)
 
 
 # --- the pixel-difference convolutions, from their definition (Su et al. 2021) -------------------
