@@ -297,7 +297,8 @@ def cmd_serve(args) -> None:
     serve(ServeConfig(host=args.host, port=args.port, base=args.base, controlnets=nets, dtype=args.dtype,
                       queue=args.queue, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                       max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-                      compile=args.compile, tokenizer=args.tokenizer))
+                      compile=args.compile, tokenizer=args.tokenizer,
+                      api_auth=args.api_auth or os.environ.get("CTRLNET_API_AUTH") or None))
 
 
 TOKENIZER_HELP = ("a single-file base's tokenizer folder (vocab.json + merges.txt, or tokenizer.json); default: "
@@ -464,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "to it, sizes derived from an image's aspect are scaled down to fit), and detect resolution")
     p.add_argument("--max-steps", type=in_range("steps"), default=100)
     p.add_argument("--max-images", type=in_range("num_images"), default=4, help="images per request")
+    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                   help="HTTP basic credentials every route asks for (A1111's --api-auth; default: $CTRLNET_API_AUTH); "
+                        "required with a --host beyond loopback")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNets (see generate --compile); each new image size, "
                         "batch, set of active nets, weight or control mode compiles once, for minutes, on the "

@@ -460,14 +460,16 @@ class Pipeline:
                  seed: int = 0, num_images: int = 1, width: int | None = None, height: int | None = None,
                  scheduler: str = "ddim", init_image: Any = None, strength: float = 1.0, mask: Any = None,
                  progress: bool = False, callback=None, output_type: str = "pil",
-                 regions: Region | Sequence[Region] | Sequence[Sequence[Region]] = ()) -> Result:
+                 regions: Region | Sequence[Region] | Sequence[Sequence[Region]] = (), stop=None) -> Result:
         """Generate ``num_images`` images per prompt. ``guidance``/``guidance_rescale`` default to
         the base's own (``default_guidance``). Numbers must lie in their ``ranges.RANGES`` (a
         ValueError names the argument, the value and the range). ``seed``: image i uses seed + i;
         -1 draws a random seed, reported in ``Result.seeds`` and the parameters text. ``width`` /
         ``height``: missing ones follow the first condition (or init) image (``output_size``).
         ``regions``: ``Region``s for every prompt, or one list of them per prompt. ``callback(i)``
-        is called after denoising step i; ``output_type="latent"`` skips decoding."""
+        is called after denoising step i; when ``stop()`` is then true the remaining steps are skipped
+        and the latents so far decoded (an interrupt: the images are noisier, not lost).
+        ``output_type="latent"`` skips decoding."""
         default_guidance, default_rescale = self.default_guidance()
         guidance = guidance if guidance is not None else default_guidance
         guidance_rescale = guidance_rescale if guidance_rescale is not None else default_rescale
@@ -501,7 +503,7 @@ class Pipeline:
         latents, inpaint = self.prepare_latents(b, width, height, seed, sched, timesteps, init_rs, mask_rs, strength)
         # 7. Denoising loop.
         latents = self.run_loop(latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
-                                torch.Generator().manual_seed(seed), inpaint, region_batch, progress, callback)
+                                torch.Generator().manual_seed(seed), inpaint, region_batch, progress, callback, stop)
         # 8. Decode, with the parameters of each image.
         seeds = [seed + i for i in range(b)]
         params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
@@ -517,7 +519,7 @@ class Pipeline:
         return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images, seeds)
 
     def run_loop(self, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added, generator,
-                 inpaint, region_batch, progress: bool, callback) -> torch.Tensor:
+                 inpaint, region_batch, progress: bool, callback, stop=None) -> torch.Tensor:
         """``sampling.denoise`` with what this Pipeline adds around it: compiled modules, inductor's
         freezing while they trace, packed weights, the progress bar and the callback."""
         bar = tqdm(total=len(timesteps), desc="sampling", unit="step") if progress else None
@@ -535,7 +537,7 @@ class Pipeline:
         with self.packed.active() if self.packed is not None else contextlib.nullcontext(), freezing:
             latents = denoise(loop_base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
                               generator=generator, inpaint=inpaint, callback=on_step, regions=region_batch,
-                              cuda_graphs=cuda_graphs)
+                              cuda_graphs=cuda_graphs, stop=stop)
         if bar is not None:
             bar.close()
         return latents

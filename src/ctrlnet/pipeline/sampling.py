@@ -150,8 +150,10 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
             guidance: float, guidance_rescale: float = 0.0, controls: Sequence[ActiveControl] = (),
             added: dict | None = None, generator: torch.Generator | None = None,
             inpaint: Inpainting | None = None, callback: Callable[[int], None] | None = None,
-            regions: RegionBatch | None = None, cuda_graphs: bool = False) -> torch.Tensor:
-    """Run the sampler over ``timesteps`` from ``latents`` (B, C, h, w) float32; returns the final latents.
+            regions: RegionBatch | None = None, cuda_graphs: bool = False,
+            stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Run the sampler over ``timesteps`` from ``latents`` (B, C, h, w) float32; returns the final latents
+    (those after step i when ``stop()`` is true after step i: an interrupted generation).
 
     ``text`` is (2B, T, D) [uncond; cond] when ``guidance > 1``, else (B, T, D).
     ``inpaint``: see ``Inpainting``. ``regions``: see ``RegionBatch`` (composed by ``compose_regions``).
@@ -203,6 +205,8 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
             latents = (1 - inpaint.mask) * kept + inpaint.mask * latents
         if callback is not None:
             callback(i)
+        if stop is not None and i < n - 1 and stop():
+            break
     return latents
 
 

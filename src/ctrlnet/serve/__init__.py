@@ -12,7 +12,7 @@ python-multipart).
 
 import importlib.util
 
-from .config import ServeConfig
+from .config import ServeConfig, check_exposure
 
 __all__ = ["ServeConfig", "Server", "create_app", "serve"]
 
@@ -31,6 +31,7 @@ def serve(config: ServeConfig) -> None:
     missing = missing_extra()
     if missing:
         raise ValueError(f"ctrlnet serve needs the serve extra ({missing} is missing): pip install 'ctrlnet[serve]'")
+    check_exposure(config)
     from .app import run  # imports fastapi: only once it is known to be there
     run(config)
 

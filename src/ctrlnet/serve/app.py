@@ -23,12 +23,16 @@ This module needs the ``serve`` extra (fastapi) to import; ``ctrlnet.serve`` doe
 """
 
 import asyncio
+import base64
 import functools
+import http
 import json
+import secrets
 import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -38,32 +42,45 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..version import __version__
-from .config import ServeConfig
+from .config import ServeConfig, check_exposure, credentials
 from .queue import ClientGone, GenerationQueue, QueueFull
 from .schemas import (ControlUnitRequest, DetectRequest, DetectResponse, GenerateRequest, GenerateResponse,
                       validation_message)
+from .a1111 import SCRIPTS, A1111, Img2ImgRequest, Txt2ImgRequest
+from .extension import API_VERSION
 from .server import ApiError, Server
 from .uploads import UploadError, decode_base64, decode_image
 
 STATIC = Path(__file__).resolve().parent / "static"
+A1111_PREFIXES = ("/sdapi/", "/controlnet/")  # A1111's routes: its error body shape
 
 
 # ---------------------------------------------------------------------- errors -> {"error": ...}
 
+def error_body(path: str, status: int, message: str) -> dict:
+    """``{"error": message}``; on A1111's routes its shape, ``{"error", "detail", "body", "errors"}``
+    (clients show ``detail``)."""
+    if path.startswith(A1111_PREFIXES):
+        kind = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "Error"
+        return {"error": kind, "detail": message, "body": "", "errors": message}
+    return {"error": message}
+
+
 async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+    return JSONResponse(error_body(request.url.path, e.status, e.message), status_code=e.status, headers=e.headers)
 
 
 async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+    return JSONResponse(error_body(request.url.path, e.status_code, str(e.detail)), status_code=e.status_code,
+                        headers=getattr(e, "headers", None))
 
 
 async def on_error(request: Request, e: Exception) -> JSONResponse:
     """A bug, not bad input: log it with its traceback, keep serving. The client gets the exception's
     type only: its message and traceback may hold file paths and library internals."""
     traceback.print_exception(e, file=sys.stderr)
-    return JSONResponse({"error": f"internal error ({type(e).__name__}); the server's log has the details"},
-                        status_code=500)
+    message = f"internal error ({type(e).__name__}); the server's log has the details"
+    return JSONResponse(error_body(request.url.path, 500, message), status_code=500)
 
 
 # ---------------------------------------------------------------------- request -> inputs
@@ -210,6 +227,124 @@ async def generate(request: Request) -> dict:
                             lambda q: server.generate(req, controls, q.on_step))
 
 
+# ---------------------------------------------------------------------- A1111's routes (a1111.A1111 does the work)
+
+def a1111_of(request: Request) -> A1111:
+    return request.app.state.a1111
+
+
+async def json_body(request: Request) -> Any:
+    if not request.headers.get("content-type", "application/json").startswith("application/json"):
+        raise ApiError(415, "send application/json")
+    return parse_json(await request.body() or b"null", "body")
+
+
+async def sd_generate(request: Request, model: type[Txt2ImgRequest]) -> dict:
+    api = a1111_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, "body must be a JSON object")
+    try:
+        req = model.model_validate(body)
+    except pydantic.ValidationError as e:
+        raise ApiError(422, validation_message(e, "request")) from None
+    job = await run_in_threadpool(api.prepare, req)  # decodes and checks images: off the event loop
+    return await run_queued(request, api.server.generation, job.steps * job.n_iter,
+                            lambda q: api.run(job, q.on_step, q.interrupted))
+
+
+async def sd_txt2img(request: Request) -> dict:
+    return await sd_generate(request, Txt2ImgRequest)
+
+
+async def sd_img2img(request: Request) -> dict:
+    return await sd_generate(request, Img2ImgRequest)
+
+
+async def sd_progress(request: Request) -> dict:
+    return a1111_of(request).progress()
+
+
+async def sd_interrupt(request: Request) -> dict:
+    a1111_of(request).server.generation.interrupt()
+    return {}
+
+
+async def sd_models(request: Request) -> list[dict]:
+    return [a1111_of(request).checkpoint()]
+
+
+async def sd_samplers(request: Request) -> list[dict]:
+    return A1111.samplers()
+
+
+async def sd_schedulers(request: Request) -> list[dict]:
+    return A1111.schedulers()
+
+
+async def sd_options(request: Request) -> dict:
+    return a1111_of(request).options()
+
+
+async def sd_set_options(request: Request) -> None:
+    a1111_of(request).set_options(await json_body(request))
+
+
+async def sd_scripts(request: Request) -> dict:
+    return {"txt2img": SCRIPTS, "img2img": SCRIPTS}
+
+
+async def sd_nothing(request: Request) -> None:
+    """refresh-checkpoints and the like: the server's models are fixed at start; nothing to do."""
+
+
+async def sd_empty_list(request: Request) -> list:
+    """What the server has none of (upscalers, VAEs, LoRAs, styles...): clients list them at start."""
+    return []
+
+
+async def cn_version(request: Request) -> dict:
+    return {"version": API_VERSION}
+
+
+async def cn_model_list(request: Request) -> dict:
+    return a1111_of(request).model_list()
+
+
+async def cn_module_list(request: Request, alias_names: bool = False) -> dict:
+    return a1111_of(request).module_list(alias_names)
+
+
+async def cn_control_types(request: Request) -> dict:
+    return a1111_of(request).control_types()
+
+
+async def cn_settings(request: Request) -> dict:
+    return a1111_of(request).settings()
+
+
+async def cn_detect(request: Request) -> dict:
+    api = a1111_of(request)
+    images, annotator, params = await run_in_threadpool(api.prepare_detect, await json_body(request))
+    return await run_queued(request, api.server.detection, len(images),
+                            lambda q: api.detect(images, annotator, params))
+
+
+A1111_ROUTES = [  # (path, handler, methods)
+    ("/sdapi/v1/txt2img", sd_txt2img, ["POST"]), ("/sdapi/v1/img2img", sd_img2img, ["POST"]),
+    ("/sdapi/v1/progress", sd_progress, ["GET"]), ("/sdapi/v1/interrupt", sd_interrupt, ["POST"]),
+    ("/sdapi/v1/sd-models", sd_models, ["GET"]), ("/sdapi/v1/samplers", sd_samplers, ["GET"]),
+    ("/sdapi/v1/schedulers", sd_schedulers, ["GET"]), ("/sdapi/v1/options", sd_options, ["GET"]),
+    ("/sdapi/v1/options", sd_set_options, ["POST"]), ("/sdapi/v1/scripts", sd_scripts, ["GET"]),
+    ("/sdapi/v1/refresh-checkpoints", sd_nothing, ["POST"]),
+    *[(f"/sdapi/v1/{name}", sd_empty_list, ["GET"]) for name in (
+        "sd-vae", "upscalers", "latent-upscale-modes", "loras", "hypernetworks", "face-restorers", "prompt-styles")],
+    ("/controlnet/version", cn_version, ["GET"]), ("/controlnet/model_list", cn_model_list, ["GET"]),
+    ("/controlnet/module_list", cn_module_list, ["GET"]), ("/controlnet/control_types", cn_control_types, ["GET"]),
+    ("/controlnet/settings", cn_settings, ["GET"]), ("/controlnet/detect", cn_detect, ["POST"]),
+]
+
+
 # ---------------------------------------------------------------------- the app
 
 class BodyLimit:
@@ -224,8 +359,9 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         message = f"request body over this server's limit of {self.limit / 2 ** 20:g} MB"
+        path = scope.get("path", "")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send, message)
+            return await self._reject(send, path, message)
         seen = 0
 
         async def counted():
@@ -239,14 +375,39 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except ApiError as e:  # raised while a route was reading the body
-            await self._reject(send, e.message)
+            await self._reject(send, path, e.message)
 
     @staticmethod
-    async def _reject(send, message: str):
-        body = json.dumps({"error": message}).encode()
+    async def _reject(send, path: str, message: str):
+        body = json.dumps(error_body(path, 413, message)).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class BasicAuth:
+    """ASGI middleware: HTTP basic authentication on every route (A1111's ``--api-auth``), 401 with
+    ``WWW-Authenticate: Basic`` otherwise; passwords compared in constant time."""
+
+    def __init__(self, app, users: list[tuple[str, str]]):
+        self.app = app
+        self.tokens = [base64.b64encode(f"{u}:{p}".encode()).decode() for u, p in users]
+
+    def allowed(self, header: bytes | None) -> bool:
+        scheme, _, token = (header or b"").decode("latin-1").partition(" ")
+        ok = False
+        for t in self.tokens:  # every one compared, so the time says nothing about which matched
+            ok |= secrets.compare_digest(token.strip().encode(), t.encode())
+        return scheme.lower() == "basic" and ok
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.allowed(dict(scope.get("headers") or []).get(b"authorization")):
+            return await self.app(scope, receive, send)
+        body = json.dumps({"error": "Unauthorized", "detail": "Incorrect username or password"}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b'Basic realm="ctrlnet"')]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -296,23 +457,23 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
                       openapi_extra=body_doc(DetectRequest, DETECT_FORM))
     app.add_api_route("/api/generate", generate, methods=["POST"], response_model=GenerateResponse,
                       openapi_extra=body_doc(GenerateRequest, GENERATE_FORM))
+    app.state.a1111 = A1111(app.state.server)
+    for path, handler, methods in A1111_ROUTES:
+        app.add_api_route(path, handler, methods=methods, tags=["A1111"])
     app.openapi = functools.partial(openapi, app)
     app.add_middleware(BodyLimit, limit=int(config.max_upload_mb * 2 ** 20))
+    users = credentials(config.api_auth)
+    if users:  # added last, so it runs first: nothing is read from a client that has not logged in
+        app.add_middleware(BasicAuth, users=users)
     return app
 
 
 # ---------------------------------------------------------------------- running it
 
-def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 def run(config: ServeConfig) -> None:
     """Load the models and serve until interrupted (``ctrlnet.serve.serve`` checks the extra first)."""
     import uvicorn  # the serve extra, like fastapi; only running needs it, not create_app
-    if not is_loopback(config.host):
-        print(f"ctrlnet serve: warning: listening on {config.host}: anyone who can reach this port can generate "
-              "(there is no authentication)", file=sys.stderr)
+    check_exposure(config)  # beyond loopback only with credentials
     app = create_app(config)
     for message in app.state.server.load_warnings:
         print(f"ctrlnet serve: warning: {message}", file=sys.stderr)

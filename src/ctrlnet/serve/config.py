@@ -26,3 +26,34 @@ class ServeConfig:
     # torch.compile the UNet and ControlNets (Pipeline(compile=...)): True, or torch.compile's kwargs
     # (used when the Server loads the base; a Pipeline handed to Server keeps its own setting)
     compile: Union[bool, dict] = False
+    # HTTP basic credentials "USER:PASS[,USER2:PASS2]" (A1111's --api-auth), required on every route
+    # when set; a server bound beyond loopback refuses to start without them
+    api_auth: str | None = None
+
+
+def credentials(spec: str | None) -> list[tuple[str, str]]:
+    """``--api-auth``'s "USER:PASS[,USER2:PASS2]" as (user, password) pairs; a ValueError naming
+    the flag when an entry has no ':' or an empty user or password."""
+    if not spec:
+        return []
+    pairs = []
+    for i, entry in enumerate(spec.split(",")):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--api-auth: entry {i + 1} must be USER:PASS with both non-empty "
+                             "(several: USER:PASS,USER2:PASS2)")
+        pairs.append((user, password))
+    return pairs
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def check_exposure(config: ServeConfig) -> None:
+    """A server reachable beyond this machine must ask for credentials: anyone who reaches an open
+    port could otherwise generate with the operator's models and hardware."""
+    credentials(config.api_auth)  # well-formed, whatever the host
+    if not is_loopback(config.host) and not config.api_auth:
+        raise ValueError(f"--host {config.host}: a server reachable beyond this machine needs credentials: "
+                         "add --api-auth USER:PASS (or set CTRLNET_API_AUTH), or bind 127.0.0.1")

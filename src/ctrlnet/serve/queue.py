@@ -34,6 +34,8 @@ class GenerationQueue:
         self.done = 0
         self.dropped = 0                   # requests whose client left before their turn
         self.last_seconds = 5.0            # duration of the last generation, for Retry-After
+        self.started = 0.0                 # perf_counter() when the running one started (A1111's ETA)
+        self._interrupt = threading.Event()  # A1111's /interrupt: the running generation stops early
 
     def enter(self) -> None:
         """Take a place in the queue or raise QueueFull (admission is decided here, atomically)."""
@@ -54,7 +56,8 @@ class GenerationQueue:
                     raise ClientGone()
                 with self._lock:
                     self.running, self.step, self.total = True, 0, total_steps
-                t0 = time.perf_counter()
+                    self._interrupt.clear()  # an interrupt sent while nothing ran is not for this one
+                t0 = self.started = time.perf_counter()
                 try:
                     yield self
                 finally:
@@ -73,6 +76,15 @@ class GenerationQueue:
 
     def on_step(self, i: int) -> None:
         self.step = i + 1
+
+    def interrupt(self) -> None:
+        """Stop the running generation after its current step (``interrupted`` is its ``stop``)."""
+        with self._lock:
+            if self.running:
+                self._interrupt.set()
+
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
 
     def status(self) -> dict:
         with self._lock:

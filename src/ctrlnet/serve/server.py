@@ -13,7 +13,7 @@ from ..annotators import ALIASES, ANNOTATORS, NEEDS, WEIGHTS, check_params, get_
 from ..annotators.weights import WeightsError, WeightsNotFound, locate_any, options
 from ..formats import load_controlnet
 from ..images import RESIZE_MODES, png_bytes, resize_any
-from ..names import is_nano
+from ..names import base_path, is_nano
 from ..pipeline import Control, Pipeline, PromptTruncatedWarning, SlowDtypeWarning
 from ..pipeline.ranges import check_args, check_seed
 from ..pipeline.sampling import CONTROL_MODES
@@ -63,6 +63,8 @@ class Server:
             named = {**{k: str(v) for k, v in bundled_controlnets().items()}, **named}
         for name, path in named.items():  # loaded now: requests can only pick among these
             self.pipe.add_controlnet(name, load_controlnet(path, dtype=self.pipe.dtype))
+        self.sources = named  # name -> the file or folder it was loaded from (A1111's model hashes)
+        self.base_path = base_path(config.base)
         self.generation = GenerationQueue(config.queue)
         self.detection = GenerationQueue(2 * config.queue)
 
@@ -206,16 +208,19 @@ class Server:
         out = []
         for i, (unit, image) in enumerate(zip(req.controls, images, strict=True)):
             self.check_resolutions(image, unit.params, f"controls.{i}")
-            control = unit.to_control(image)
-            try:
-                control.check()
-                self.pipe.controlnets[unit.model].residual_scales(unit.scale)  # one weight, or one per residual
-            except (WeightsError, WeightsNotFound) as e:
-                raise ApiError(400, f"controls.{i}: " + weights_problem(unit.annotator, e)) from None
-            except (ValueError, TypeError) as e:  # TypeError: get_annotator given a parameter of the wrong kind
-                raise ApiError(400, f"controls.{i}: {e}") from None
-            out.append(control)
+            out.append(self.checked(unit.to_control(image), f"controls.{i}"))
         return out
+
+    def checked(self, control: Control, where: str) -> Control:
+        """``control`` after Control.check() and its net's weight check: a 400 naming ``where``."""
+        try:
+            control.check()
+            self.pipe.controlnets[control.model].residual_scales(control.scale)  # one weight, or one per residual
+        except (WeightsError, WeightsNotFound) as e:
+            raise ApiError(400, f"{where}: " + weights_problem(control.annotator, e)) from None
+        except (ValueError, TypeError) as e:  # TypeError: get_annotator given a parameter of the wrong kind
+            raise ApiError(400, f"{where}: {e}") from None
+        return control
 
     def sized(self, req: GenerateRequest, images: list) -> GenerateRequest:
         """``req`` with its width and height resolved as the Pipeline resolves them (missing sides
@@ -245,25 +250,29 @@ class Server:
         return {"image": data_url(png_bytes(out)), "width": int(out.shape[1]), "height": int(out.shape[0]),
                 "seconds": round(time.perf_counter() - t0, 3)}
 
-    def generate(self, req: GenerateRequest, controls: list[Control], on_step=None) -> dict:
-        """Run the Pipeline on the model thread; ``controls`` from ``controls()``, ``req`` from
-        ``sized()`` (so width and height are set)."""
-        t0 = time.perf_counter()
-
+    def run_pipeline(self, kwargs: dict):
+        """(Pipeline result, the prompt-truncation warnings to pass on) of ``self.pipe(**kwargs)``,
+        run on the model thread; a 400 for what the pipeline refuses once the model is there."""
         def work():  # on the model thread; its warnings are caught there
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = self.pipe(req.prompt, controls=controls, negative_prompt=req.negative_prompt,
-                                   steps=req.steps, guidance=req.guidance, guidance_rescale=req.guidance_rescale,
-                                   seed=req.seed, num_images=req.num_images, width=req.width, height=req.height,
-                                   scheduler=req.scheduler, callback=on_step)
+                result = self.pipe(**kwargs)
             return result, [str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning)]
         try:
-            result, notes = self.model_thread.submit(work).result()
+            return self.model_thread.submit(work).result()
         except (WeightsError, WeightsNotFound) as e:
             raise ApiError(400, weights_problem("", e)) from None
         except ValueError as e:  # the pipeline's own checks that need the model: image sizes, ...
             raise ApiError(400, str(e)) from None
+
+    def generate(self, req: GenerateRequest, controls: list[Control], on_step=None) -> dict:
+        """Run the Pipeline on the model thread; ``controls`` from ``controls()``, ``req`` from
+        ``sized()`` (so width and height are set)."""
+        t0 = time.perf_counter()
+        result, notes = self.run_pipeline(dict(
+            prompt=req.prompt, controls=controls, negative_prompt=req.negative_prompt, steps=req.steps,
+            guidance=req.guidance, guidance_rescale=req.guidance_rescale, seed=req.seed, num_images=req.num_images,
+            width=req.width, height=req.height, scheduler=req.scheduler, callback=on_step))
         w, h = result.images[0].size
         return {"images": [data_url(png_bytes(im, p)) for im, p in zip(result.images, result.parameters)],
                 "conditions": [data_url(png_bytes(m)) for m in result.conditions],
