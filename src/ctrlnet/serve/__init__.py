@@ -6,6 +6,8 @@ python-multipart).
   schemas.py   the JSON bodies (pydantic); ControlUnitRequest.to_control -> pipeline.Control
   server.py    Server: the loaded models, the checks before queueing, the work (no HTTP)
   app.py       the routes as module-level handlers, create_app, run (FastAPI)
+  a1111.py     AUTOMATIC1111's /sdapi/v1 API over the Server (requests -> Pipeline calls -> responses)
+  extension.py the A1111 ControlNet extension's modules, sliders, modes, units and model names
   queue.py     the bounded generation queue (503 + Retry-After past it)
   uploads.py   base64 / files -> images, images -> data URLs
 """

@@ -8,10 +8,13 @@ Routes (schema at ``/openapi.json``):
   GET  /api/progress     the running generation's step / total and the queue length
   POST /api/detect       image -> condition map             (JSON with base64, or multipart)
   POST /api/generate     prompt + control units -> images   (JSON with base64, or multipart)
+  /sdapi/v1/*, /controlnet/*   AUTOMATIC1111's API and its ControlNet extension's (A1111_ROUTES; the
+                         work is a1111.A1111's), with A1111's error body {"error", "detail", ...}
 
 Safety: the server only reads the base and ControlNets the operator named at start (requests
 name models, never paths; images travel in the request, results in the response, nothing is
-written to disk); bodies are capped in bytes (413) and images in pixels before decoding (413);
+written to disk); HTTP basic credentials on every route with ``api_auth`` (required beyond
+loopback); bodies are capped in bytes (413) and images in pixels before decoding (413);
 generation runs one at a time with at most ``queue`` requests waiting, then 503 + Retry-After,
 and a waiting request whose client hangs up is dropped; images are scaled down to ``max_side`` /
 ``max_pixels`` and sizes derived from them stay within those caps; bad input is a 4xx
