@@ -208,22 +208,31 @@ def test_model_hash_is_a1111s_old_hash(tmp_path):
     ("Euler a", None, ("Euler a", "euler_a")), ("DPM++ 2M", "automatic", ("DPM++ 2M", "dpmpp_2m_karras")),
     ("DPM++ 2M Karras", None, ("DPM++ 2M", "dpmpp_2m_karras")), ("DPM++ 2M", "uniform", ("DPM++ 2M", "dpmpp_2m")),
     ("DPM++ 2M", "Karras", ("DPM++ 2M", "dpmpp_2m_karras")), ("k_euler_a", None, ("Euler a", "euler_a")),
-    ("ddim", None, ("DDIM", "ddim")), ("dpmpp_2m", None, ("DPM++ 2M", "dpmpp_2m")), ("euler-a", None,
-                                                                                  ("Euler a", "euler_a"))])
+    ("ddim", None, ("DDIM", "ddim")), ("dpmpp_2m", None, ("DPM++ 2M", "dpmpp_2m")),
+    ("euler-a", None, ("Euler a", "euler_a"))])
 def test_sampler_names(name, schedule, expected):
     assert A1111.sampler(name, schedule) == expected
 
 
 @pytest.mark.parametrize("name, schedule, words", [
     ("Euler", "karras", ["scheduler", "Karras", "DPM++ 2M"]), ("Euler Karras", None, ["scheduler", "Karras"]),
-    ("Heun", None, ["sampler_name", "'Heun'"]), ("Euler", "exponential", ["scheduler", "'exponential'"]),
-    # BUG: our own names skip the schedule check: "euler" + karras is plain euler, "dpmpp_2m" + karras
-    # is dpmpp_2m without Karras sigmas - silently another sampler than asked for (a1111.py, A1111.sampler)
-    ("euler", "karras", ["scheduler", "Karras"]), ("dpmpp_2m", "karras", ["scheduler"])])
+    ("Heun", None, ["sampler_name", "'Heun'"]), ("Euler", "exponential", ["scheduler", "'exponential'"])])
 def test_sampler_refusals(name, schedule, words):
     with pytest.raises(ApiError) as e:
         A1111.sampler(name, schedule)
     assert e.value.status == 400 and all(w in e.value.message for w in words), e.value.message
+
+
+@pytest.mark.parametrize("name, karras", [("euler", None), ("dpmpp_2m", "dpmpp_2m_karras")])
+def test_our_own_sampler_names_honour_the_scheduler_field(name, karras):
+    """Our own names with ``scheduler: karras``: Karras where offered (``karras``), else the same
+    400 as for A1111's names - never another sampler than asked for, silently (it once was)."""
+    if karras is None:
+        with pytest.raises(ApiError) as e:
+            A1111.sampler(name, "karras")
+        assert e.value.status == 400 and "scheduler" in e.value.message, e.value.message
+    else:
+        assert A1111.sampler(name, "karras")[1] == karras
 
 
 # ---------------------------------------------------------------------- A1111.prepare
@@ -298,6 +307,14 @@ def test_img2img_mask_invert_and_units_without_image(api, shapes_sample):
     assert plain.echo["init_images"] is None and plain.echo["mask"] is None
     echoed = api.prepare(Img2ImgRequest(**base, include_init_images=True))
     assert echoed.echo["init_images"] == base["init_images"]
+
+
+@pytest.mark.parametrize("resize_mode", [5, -1])
+def test_an_unknown_img2img_resize_mode_is_a_4xx(app, shapes_sample, resize_mode):
+    """A bad img2img ``resize_mode`` (A1111 has 0-3) is a 4xx naming it (it was once a 500)."""
+    body = {"init_images": [b64png(shapes_sample[1]["target"])], "resize_mode": resize_mode, "steps": 1}
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/sdapi/v1/img2img", body))
+    assert status in (400, 422) and "resize_mode" in r["detail"], (status, r)
 
 
 # ---------------------------------------------------------------------- interrupt, through the app
@@ -441,7 +458,8 @@ def test_module_list(app, local):
 
 def test_settings_and_control_types(app, local):
     _, _, settings = asyncio.run(asgi_json(app, "GET", "/controlnet/settings"))
-    assert settings == {"control_net_unit_count": CONFIG.max_controls, "control_net_max_models_num": CONFIG.max_controls}
+    n = CONFIG.max_controls
+    assert settings == {"control_net_unit_count": n, "control_net_max_models_num": n}
     _, _, r = asyncio.run(asgi_json(app, "GET", "/controlnet/control_types"))
     title = f"nano-canny [{ext.model_hash(local.sources['nano-canny'])}]"
     types = r["control_types"]

@@ -312,7 +312,10 @@ class A1111:
             width, height = s.pipe.output_size(req.width, req.height, ref, c.max_side, c.max_pixels)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        mode = extension.resize_mode(req.resize_mode or 0, "resize_mode") if img2img else "crop_and_resize"
+        try:
+            mode = extension.resize_mode(req.resize_mode or 0, "resize_mode") if img2img else "crop_and_resize"
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
         if init is not None:  # brought to the output size by img2img's resize mode, as A1111 does
             init_full = init
             init = resize_to(init, width, height, mode, resize_photo)
@@ -350,30 +353,37 @@ class A1111:
     @staticmethod
     def sampler(name: str, schedule: str | None) -> tuple[str, str]:
         """(A1111 sampler name, our scheduler key) of a sampler name (a " Karras" suffix or the
-        ``scheduler`` field choosing the schedule, as A1111 1.9+), or one of our own names."""
+        ``scheduler`` field choosing the schedule, as A1111 1.9+), or one of our own names.
+        Schedules: automatic (the sampler's own: Karras for DPM++ 2M), karras (DPM++ 2M only),
+        uniform (the plain one)."""
         schedule = (schedule or "automatic").strip()
         for suffix in ("Karras", "Automatic", "Uniform"):
             if name.endswith(" " + suffix) and name[:-len(suffix) - 1] in SAMPLERS:
                 name, schedule = name[:-len(suffix) - 1], suffix if schedule.lower() == "automatic" else schedule
-        if schedule.lower() not in SCHEDULES:
+        schedule = schedule.lower()
+        if schedule not in SCHEDULES:
             raise ApiError(400, f"scheduler: {schedule!r} is not offered; available: {', '.join(SCHEDULES)}")
         by_alias = {a: n for n, (_, aliases, _) in SAMPLERS.items() for a in aliases}
         label = name if name in SAMPLERS else by_alias.get(name)
-        if label is None:  # our own names ("dpmpp_2m", "euler-a", ...)
+        if label is not None:
+            key = SAMPLERS[label][0]
+        else:  # our own names ("dpmpp_2m", "euler-a", ...)
             try:
                 key = scheduler_key(name)
             except ValueError:
                 raise ApiError(400, f"sampler_name: unknown sampler {name!r}; available: "
                                     f"{', '.join(SAMPLERS)}") from None
-            return SCHEDULERS[key][2], key
-        key = SAMPLERS[label][0]
-        if schedule.lower() == "karras":
-            if label != "DPM++ 2M":
+            label = SCHEDULERS[key][2]
+            if schedule == "automatic":  # our names say their schedule themselves
+                return label, key
+        dpmpp_2m = key in ("dpmpp_2m", "dpmpp_2m_karras")
+        if schedule == "karras":
+            if not dpmpp_2m:
                 raise ApiError(400, f"scheduler: Karras is offered with DPM++ 2M only, not {label!r}")
             key = "dpmpp_2m_karras"
-        elif schedule.lower() == "uniform" and label == "DPM++ 2M":
+        elif schedule == "uniform" and dpmpp_2m:
             key = "dpmpp_2m"
-        return label, key
+        return SCHEDULERS[key][2].removesuffix(" Karras"), key
 
     def units(self, scripts: dict | None) -> list[extension.Unit]:
         """The enabled ControlNet units of ``alwayson_scripts``; another always-on script is a 422

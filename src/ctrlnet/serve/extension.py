@@ -245,7 +245,7 @@ def units(args: Any, titles: dict[str, str], where: str = "alwayson_scripts.cont
 
 
 def unit(raw: dict, index: int, titles: dict[str, str], where: str) -> Unit:
-    d = dict(raw)
+    d = {k: v for k, v in raw.items() if v is not None}  # null = the default, as clients send it
     for old, new in LEGACY.items():
         if old in d:
             if not blank(d.get(new)) and not blank(d[old]) and d[new] != d[old]:
