@@ -136,7 +136,10 @@ def read_image(source: str | Path | bytes, where: str | None = None, max_pixels:
         raise
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"{where}: too many pixels ({e}); downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:  # its message names the file object (a memory address for bytes)
+        raise ImageError(f"{where}: cannot decode image (not a recognised format); is it a PNG/JPEG/WebP "
+                         "file?") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{where}: cannot decode image ({e}); is it a PNG/JPEG/WebP file?") from None
     if rgb.size == 0:
         raise ImageError(f"{where}: empty image")

@@ -84,7 +84,8 @@ def test_one_and_two_controlnet_units(api, pipe, shapes_sample):
     assert np.array_equal(np.asarray(r.images[1].convert("RGB")), ref.conditions[0])
     assert 'ControlNet 0: "Module: canny, Model: nano-canny' in r.info["infotexts"][0]
 
-    seg = webuiapi.ControlNetUnit(image=raw(maps["segmentation"]), module="none", model="Segmentation",  # matched as a substring, as the extension does
+    # "Segmentation": matched as a substring of nano-segmentation, as the extension does
+    seg = webuiapi.ControlNetUnit(image=raw(maps["segmentation"]), module="none", model="Segmentation",
                                   weight=0.8, guidance_end=0.5, control_mode=2, resize_mode="Crop and Resize")
     r = api.txt2img(prompt=sample.prompt, seed=3, steps=3, width=128, height=128, controlnet_units=[unit, seg])
     seg_control = Control("nano-segmentation", maps["segmentation"], scale=0.8, end=0.5, mode="control")
@@ -123,7 +124,8 @@ def test_detect_and_the_lists(api, server, shapes_sample):
     assert np.array_equal(np.asarray(r.images[0].convert("RGB")), want)
     assert api.controlnet_version() >= 2
     titles = api.controlnet_model_list()
-    assert any(t.startswith("nano-canny [") for t in titles) and any(t.startswith("nano-segmentation [") for t in titles)
+    assert any(t.startswith("nano-canny [") for t in titles)
+    assert any(t.startswith("nano-segmentation [") for t in titles)
     modules = api.controlnet_module_list()
     assert {"none", "canny", "invert", "scribble_xdog", "tile_resample"} <= set(modules)
     assert "hed" not in modules  # its weights are not on this (test) server: not offered

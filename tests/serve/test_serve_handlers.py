@@ -251,10 +251,10 @@ def test_a_full_queue_answers_503_at_once(app, local, shapes_sample, monkeypatch
     running, release = threading.Event(), threading.Event()
     generate = local.generate
 
-    def held(req, controls, on_step=None):
+    def held(req, controls, on_step=None, stop=None):
         running.set()
         assert release.wait(600), "the test never released the model"
-        return generate(req, controls, on_step)
+        return generate(req, controls, on_step, stop)
     monkeypatch.setattr(local, "generate", held)
     payload = {"prompt": "a blue square", "steps": 2,
                "controls": [{"model": "nano-canny", "image": b64png(maps["canny"])}]}
@@ -456,12 +456,12 @@ def test_a_queued_request_whose_client_left_is_dropped(app, local, shapes_sample
     running, release, ran = threading.Event(), threading.Event(), []
     generate = local.generate
 
-    def held(req, controls, on_step=None):
+    def held(req, controls, on_step=None, stop=None):
         ran.append(req.prompt)
         if req.prompt == "first":
             running.set()
             assert release.wait(600), "the test never released the model"
-        return generate(req, controls, on_step)
+        return generate(req, controls, on_step, stop)
     monkeypatch.setattr(local, "generate", held)
     payload = {"steps": 1, "controls": [{"model": "nano-canny", "image": b64png(maps["canny"])}]}
     dropped_before = local.generation.status()["dropped"]

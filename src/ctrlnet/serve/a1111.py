@@ -14,15 +14,19 @@ the field rather than silently ignored. The server's limits and checks are the `
 from __future__ import annotations
 
 import base64
+import io
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pydantic
+from PIL import Image, ImageOps
 from pydantic import ConfigDict
 
+from ..annotators import resolution_size
 from ..images import png_bytes, resize_photo, resize_plain, resize_to
 from ..pipeline import Control
 from ..pipeline.ranges import check_args, resolve_seed
@@ -41,7 +45,9 @@ SAMPLERS = {"DPM++ 2M": ("dpmpp_2m_karras", ["k_dpmpp_2m"], {"scheduler": "karra
             "UniPC": ("unipc", ["unipc"], {}),
             "DDPM": ("ddpm", ["ddpm"], {})}
 SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "uniform": "Uniform"}
+SCHEDULE_TYPE = {"dpmpp_2m_karras": "Karras", "dpmpp_2m": "Uniform"}  # info's "Schedule type", as A1111 1.9+
 SCRIPTS = ["controlnet", "controlnet m2m"]  # webuiapi turns its ControlNet support on when it sees "controlnet m2m"
+MAX_OPTIONS = 256  # options kept from POST /options (echoed to every client)
 
 
 class Txt2ImgRequest(pydantic.BaseModel):
@@ -138,6 +144,7 @@ class Job:
     mask: np.ndarray | None = None   # (height, width, 3) uint8, white = repaint
     strength: float | None = None
     send_images: bool = True
+    calls: int = 0                   # callbacks per iteration (the sampler's steps), for the progress
 
 
 class A1111:
@@ -148,6 +155,8 @@ class A1111:
         self._titles: dict[str, str] | None = None
         self._hash: str | None = None
         self.options_set: dict[str, Any] = {}  # what clients POSTed to /options (kept, echoed, not acted on)
+        self.decoding = threading.Lock()  # one request's images decoded at a time (prepare)
+        self.titles(), self.checkpoint()  # the files are hashed now, not on the event loop of a first request
 
     # ------------------------------------------------------------------ names
 
@@ -197,11 +206,22 @@ class A1111:
                 "control_net_unit_count": self.server.config.max_controls}
 
     def set_options(self, body: Any) -> None:
+        """``sd_model_checkpoint`` must name the loaded base; other options (clients set their UI's:
+        samples_format, live previews, ...) are kept and echoed by GET, not acted on - scalars only,
+        and a bounded number, since every later client receives them."""
         if not isinstance(body, dict):
             raise ApiError(400, "options: body must be a JSON object of option names and values")
         if "sd_model_checkpoint" in body:
             self.check_checkpoint(body["sd_model_checkpoint"], "sd_model_checkpoint")
-        self.options_set.update({k: v for k, v in body.items() if k != "sd_model_checkpoint"})
+        rest = {k: v for k, v in body.items() if k != "sd_model_checkpoint"}
+        for k, v in rest.items():
+            if len(k) > 100 or not (v is None or isinstance(v, (bool, int, float)) or
+                                    (isinstance(v, str) and len(v) <= 1000)):
+                raise ApiError(400, f"options.{k[:100]}: only names up to 100 characters with a number, true/false "
+                                    "or a string up to 1000 characters are kept")
+        if len(set(self.options_set) | set(rest)) > MAX_OPTIONS:
+            raise ApiError(400, f"options: at most {MAX_OPTIONS} options are kept")
+        self.options_set.update(rest)
 
     def progress(self) -> dict:
         q = self.server.generation
@@ -248,21 +268,66 @@ class A1111:
 
     # ------------------------------------------------------------------ checks (before queueing)
 
-    def image(self, data: str, where: str) -> np.ndarray:
-        """(H, W, 3) uint8 of a base64 string or data URL (line breaks tolerated, as A1111's decoder
-        does), within the server's pixel cap, scaled down to its max_side."""
+    @staticmethod
+    def _bytes(data: Any, where: str) -> bytes:
+        """The bytes of a base64 string or data URL (line breaks tolerated, as A1111's decoder does)."""
         if not isinstance(data, str):
             raise ApiError(400, f"{where}: expected a base64 string or data URL")
+        head, sep, body = data.partition(",") if data.startswith("data:") else ("", "", data)
         try:
-            head, sep, body = data.partition(",") if data.startswith("data:") else ("", "", data)
-            raw = decode_base64(head + sep + "".join(body.split()), where)
-            return self.server.fit(decode_image(raw, where, self.server.config.max_pixels))
+            return decode_base64(head + sep + "".join(body.split()), where)
         except UploadError as e:
             raise ApiError(e.status, str(e)) from None
 
+    def image(self, data: str, where: str) -> np.ndarray:
+        """(H, W, 3) uint8 of a base64 string or data URL, within the server's pixel cap, scaled down
+        to its max_side."""
+        try:
+            return self.server.fit(decode_image(self._bytes(data, where), where, self.server.config.max_pixels))
+        except UploadError as e:
+            raise ApiError(e.status, str(e)) from None
+
+    def mask(self, data: str, where: str) -> np.ndarray:
+        """(H, W, 3) uint8 inpainting mask, white = repaint, read as A1111 reads it: the alpha channel
+        where it varies (opaque = repaint), else the greyscale (L) of the colours."""
+        rgb = self.image(data, where)
+        try:
+            with Image.open(io.BytesIO(self._bytes(data, where))) as im:
+                im = ImageOps.exif_transpose(im)
+                alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None
+        except (OSError, ValueError):
+            alpha = None  # decoded above, so only an odd alpha channel gets here: use the colours
+        if alpha is not None and alpha.min() != alpha.max():
+            grey = np.where(alpha > 128, 255, 0).astype(np.uint8)
+            grey = self.server.fit(np.repeat(grey[:, :, None], 3, 2))[..., 0]
+        else:
+            grey = np.asarray(Image.fromarray(rgb).convert("L"))
+        return np.repeat(grey[:, :, None], 3, 2)
+
+    def fit_resolution(self, rgb: np.ndarray, params: dict) -> dict:
+        """``params`` with a ``detect_resolution`` (the unit's processor_res, 512 by default in
+        clients) lowered in steps of 64 until the map it makes fits the server's caps: a 3:1 photo
+        at 512 would need a 1536 px map."""
+        res = params.get("detect_resolution")
+        if res is None:
+            return params
+        h, w = rgb.shape[:2]
+        c = self.server.config
+        while res > 64:
+            sh, sw = resolution_size(h, w, res, "unit", "detect_resolution")
+            if max(sh, sw) <= c.max_side and sh * sw <= c.max_pixels:
+                break
+            res -= 64
+        return {**params, "detect_resolution": res}
+
     def prepare(self, req: Txt2ImgRequest) -> Job:
         """Every check, before the queue: 4xx naming the field for what this server cannot do or
-        what is over its limits."""
+        what is over its limits. One request at a time decodes its images (each may be 16 MP), so
+        a burst that the queue will refuse cannot hold many decoded images at once."""
+        with self.decoding:
+            return self._prepare(req)
+
+    def _prepare(self, req: Txt2ImgRequest) -> Job:
         s, c = self.server, self.server.config
         img2img = isinstance(req, Img2ImgRequest)
         refused = [(req.enable_hr, "enable_hr: hires fix"), (req.restore_faces, "restore_faces: face restoration"),
@@ -305,9 +370,10 @@ class A1111:
                 raise ApiError(400, f"init_images: {len(req.init_images)} given; one init image per request here")
             init = self.image(req.init_images[0], "init_images[0]")
             if req.mask:
-                mask = self.image(req.mask, "mask")
-        ref = init if init is not None else next((self.image(u.image, f"unit {u.index} image") for u in units
-                                                  if u.image is not None), None)
+                mask = self.mask(req.mask, "mask")
+        where = {u.index: f"alwayson_scripts.controlnet.args[{u.index}]" for u in units}
+        images = {u.index: self.image(u.image, f"{where[u.index]}.image") for u in units if u.image is not None}
+        ref = init if init is not None else next(iter(images.values()), None)
         try:
             width, height = s.pipe.output_size(req.width, req.height, ref, c.max_side, c.max_pixels)
         except ValueError as e:
@@ -325,30 +391,37 @@ class A1111:
                     mask = 255 - mask
         controls, save = [], []
         for u in units:
-            where = f"alwayson_scripts.controlnet.args[{u.index}]"
+            w = where[u.index]
             if u.annotator == "inpaint" and mask is None:
-                raise ApiError(400, f"{where}.module: {u.label} needs img2img with a mask")
+                raise ApiError(400, f"{w}.module: {u.label} needs img2img with a mask")
             if u.image is not None:
-                rgb, resize = self.image(u.image, f"{where}.image"), u.resize_mode
+                rgb, resize = images[u.index], u.resize_mode
             elif init is not None:  # img2img: the unit works on the init image, with img2img's resize mode
                 rgb, resize = init_full, mode
             else:
-                raise ApiError(400, f"{where}.image: no image (txt2img units need one; in img2img the init image "
-                                    "is used)")
-            s.check_params(u.annotator, u.params, where)
-            s.check_resolutions(rgb, u.params, where)
+                raise ApiError(400, f"{w}.image: no image (txt2img units need one; in img2img the init image is "
+                                    "used)")
+            params = self.fit_resolution(rgb, u.params)
+            s.check_params(u.annotator, params, w)
+            s.check_resolutions(rgb, params, w)
             control = Control(model=u.model, image=rgb if u.annotator != "inpaint" else None,
-                              annotator=u.annotator, annotator_params=u.params, scale=u.scale, start=u.start,
+                              annotator=u.annotator, annotator_params=params, scale=u.scale, start=u.start,
                               end=u.end, mode=u.mode, resize_mode=resize)
-            controls.append(s.checked(control, where))
+            controls.append(s.checked(control, w))
             save.append(u.save_detected_map)
+        # the sampler's own count of steps (img2img runs strength x steps; PLMS one more): the progress
+        calls = len(s.pipe.prepare_timesteps(scheduler, steps, strength or 1.0, init is not None)[1])
         echo = req.model_dump()
         if img2img and not req.include_init_images:
             echo.update(init_images=None, mask=None)
+        try:  # it goes back in the response: JSON that nests too deeply fails here, not after the work
+            json.dumps(echo)
+        except (RecursionError, ValueError):
+            raise ApiError(400, "request: nested too deeply to echo back") from None
         return Job(echo=echo, prompt=req.prompt or "", negative_prompt=req.negative_prompt or "", steps=steps,
                    guidance=guidance, scheduler=scheduler, sampler_name=sampler_name, seed=seed, batch_size=batch,
                    n_iter=n_iter, width=width, height=height, controls=controls, save_maps=save, init=init,
-                   mask=mask, strength=strength, send_images=req.send_images is not False)
+                   mask=mask, strength=strength, send_images=req.send_images is not False, calls=calls)
 
     @staticmethod
     def sampler(name: str, schedule: str | None) -> tuple[str, str]:
@@ -356,15 +429,16 @@ class A1111:
         ``scheduler`` field choosing the schedule, as A1111 1.9+), or one of our own names.
         Schedules: automatic (the sampler's own: Karras for DPM++ 2M), karras (DPM++ 2M only),
         uniform (the plain one)."""
-        schedule = (schedule or "automatic").strip()
-        for suffix in ("Karras", "Automatic", "Uniform"):
-            if name.endswith(" " + suffix) and name[:-len(suffix) - 1] in SAMPLERS:
-                name, schedule = name[:-len(suffix) - 1], suffix if schedule.lower() == "automatic" else schedule
-        schedule = schedule.lower()
+        schedule = (schedule or "automatic").strip().lower()
+        names = {n.lower(): n for n in SAMPLERS} | {a: n for n, (_, aliases, _) in SAMPLERS.items() for a in aliases}
+        name = name.strip()
+        for suffix in SCHEDULES:  # "DPM++ 2M Karras": A1111 1.9+ splits the schedule off the name
+            head = name[:-len(suffix) - 1].lower()
+            if name.lower().endswith(" " + suffix) and head in names:
+                name, schedule = head, suffix if schedule == "automatic" else schedule
         if schedule not in SCHEDULES:
             raise ApiError(400, f"scheduler: {schedule!r} is not offered; available: {', '.join(SCHEDULES)}")
-        by_alias = {a: n for n, (_, aliases, _) in SAMPLERS.items() for a in aliases}
-        label = name if name in SAMPLERS else by_alias.get(name)
+        label = names.get(name.lower())
         if label is not None:
             key = SAMPLERS[label][0]
         else:  # our own names ("dpmpp_2m", "euler-a", ...)
@@ -395,10 +469,11 @@ class A1111:
                 if args:
                     raise ApiError(422, f"alwayson_scripts: script {name!r} not found (this server has: controlnet)")
                 continue
-            try:
-                units += extension.units(args, self.titles(), f"alwayson_scripts.{name}.args")
-            except ValueError as e:
-                raise ApiError(422, str(e)) from None
+            if args:  # "controlnet" and "ControlNet" both given: the last with units wins, as in A1111
+                try:
+                    units = extension.units(args, self.titles(), f"alwayson_scripts.{name}.args")
+                except ValueError as e:
+                    raise ApiError(422, str(e)) from None
         if len(units) > self.server.config.max_controls:
             raise ApiError(400, f"alwayson_scripts.controlnet.args: {len(units)} enabled units, this server allows "
                                 f"{self.server.config.max_controls}")
@@ -412,7 +487,7 @@ class A1111:
         for k in range(job.n_iter):
             if k and stop is not None and stop():
                 break
-            step = (lambda i, k=k: on_step(k * job.steps + i)) if on_step else None
+            step = (lambda i, k=k: on_step(k * job.calls + i)) if on_step else None
             result = self.server.run_pipeline(dict(
                 prompt=job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
                 guidance=job.guidance, seed=job.seed + k * job.batch_size, num_images=job.batch_size,
@@ -431,7 +506,8 @@ class A1111:
                 "face_restoration_model": None, "sd_model_name": self.server.pipe.name,
                 "sd_model_hash": self.checkpoint()["hash"], "sd_vae_name": None, "sd_vae_hash": None,
                 "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": job.strength,
-                "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+                "extra_generation_params": {"Schedule type": SCHEDULE_TYPE.get(job.scheduler, "Automatic")},
+                "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
                 "is_using_inpainting_conditioning": job.mask is not None and
                 self.server.pipe.base.unet.config.in_channels == 9,
@@ -443,7 +519,11 @@ class A1111:
 
     def prepare_detect(self, body: Any) -> tuple[list[np.ndarray], str, dict]:
         """(images, annotator, parameters) of a /controlnet/detect body; webuiapi's
-        ``controlnet_images`` is taken for ``controlnet_input_images``."""
+        ``controlnet_images`` is taken for ``controlnet_input_images``. One at a time, as ``prepare``."""
+        with self.decoding:
+            return self._prepare_detect(body)
+
+    def _prepare_detect(self, body: Any) -> tuple[list[np.ndarray], str, dict]:
         if not isinstance(body, dict):
             raise ApiError(422, "body must be a JSON object")
         name = str(body.get("controlnet_module") or "none")

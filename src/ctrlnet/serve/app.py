@@ -226,8 +226,8 @@ async def generate(request: Request) -> dict:
               for i, u in enumerate(req.controls)]
     controls = server.controls(req, images)
     req = server.sized(req, images)  # every check done: only now take a place in the queue
-    return await run_queued(request, server.generation, req.steps,
-                            lambda q: server.generate(req, controls, q.on_step))
+    return await run_queued(request, server.generation, req.steps,  # A1111's /interrupt stops it too
+                            lambda q: server.generate(req, controls, q.on_step, q.interrupted))
 
 
 # ---------------------------------------------------------------------- A1111's routes (a1111.A1111 does the work)
@@ -252,8 +252,9 @@ async def sd_generate(request: Request, model: type[Txt2ImgRequest]) -> dict:
     except pydantic.ValidationError as e:
         raise ApiError(422, validation_message(e, "request")) from None
     job = await run_in_threadpool(api.prepare, req)  # decodes and checks images: off the event loop
-    return await run_queued(request, api.server.generation, job.steps * job.n_iter,
-                            lambda q: api.run(job, q.on_step, q.interrupted))
+    result = await run_queued(request, api.server.generation, job.calls * job.n_iter,
+                              lambda q: api.run(job, q.on_step, q.interrupted))
+    return JSONResponse(result)  # as it is (FastAPI's encoder would walk every base64 string again)
 
 
 async def sd_txt2img(request: Request) -> dict:

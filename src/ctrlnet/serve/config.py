@@ -3,6 +3,7 @@ No third-party imports, so the CLI can build it before the serve extra is checke
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -47,7 +48,14 @@ def credentials(spec: str | None) -> list[tuple[str, str]]:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    """An address of this machine only: localhost or a loopback IP (127.x.y.z, ::1) - not a name
+    that merely starts with "127." (127.example.com)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_exposure(config: ServeConfig) -> None:

@@ -14,6 +14,7 @@ error and generates without ControlNet, so that a client is told instead of sile
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,13 +149,36 @@ def annotator_params(m: Module, processor_res: Any, threshold_a: Any, threshold_
         if spec is not None:
             key, slider, convert = spec
             params[key] = convert(slider.pick(v))
+    if m.annotator == "canny" and params["low"] > params["high"]:  # OpenCV's Canny takes them in either order
+        params["low"], params["high"] = params["high"], params["low"]
     if m.annotator and m.resolution and not pixel_perfect:
         params["detect_resolution"] = whole(RESOLUTION.pick(processor_res))
     return params
 
 
+def _key(v: Any, where: str) -> str:
+    """A mode as a table key: a name lower-cased, or a whole number as its digits (NaN, infinity and
+    3.5 are refused, naming ``where``)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not math.isfinite(v) or v != int(v):
+            raise ValueError(f"{where}: {v!r} is not a mode")
+        return str(int(v))
+    return str(v).strip().lower()
+
+
+def flag(v: Any, default: bool, where: str) -> bool:
+    """A client's boolean: true/false, 0/1, "true"/"false" (form-minded clients); null = ``default``."""
+    if v is None:
+        return default
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", ""):
+        return v.strip().lower() in ("true", "1")
+    raise ValueError(f"{where}: expected true or false, got {v!r}")
+
+
 def resize_mode(v: Any, where: str) -> str:
-    key = str(int(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v).strip().lower()
+    key = _key(v, where)
     if key not in RESIZE:
         raise ValueError(f"{where}: unknown resize mode {v!r}; use Just Resize, Crop and Resize, Resize and Fill "
                          "(or 0-2)")
@@ -162,7 +186,7 @@ def resize_mode(v: Any, where: str) -> str:
 
 
 def control_mode(v: Any, where: str) -> str:
-    key = str(int(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v).strip().lower()
+    key = _key(v, where)
     if key not in CONTROL_MODES:
         raise ValueError(f"{where}: unknown control mode {v!r}; use Balanced, My prompt is more important, "
                          "ControlNet is more important (or 0-2)")
@@ -238,7 +262,7 @@ def units(args: Any, titles: dict[str, str], where: str = "alwayson_scripts.cont
         raise ValueError(f"{where}: must be a list of units")
     out = []
     for i, raw in enumerate(args):
-        if not isinstance(raw, dict) or not raw.get("enabled", True):
+        if not isinstance(raw, dict) or not flag(raw.get("enabled"), True, f"{where}[{i}].enabled"):
             continue
         out.append(unit(raw, i, titles, f"{where}[{i}]"))
     return out
@@ -276,16 +300,18 @@ def unit(raw: dict, index: int, titles: dict[str, str], where: str) -> Unit:
     model = match_model(str(requested), titles)
     if model is None:
         raise ValueError(f"{where}.model: unknown ControlNet {requested!r}; available: {', '.join(titles) or 'none'}")
-    mode = "control" if d.get("control_mode") is None and (d.get("guessmode") or d.get("guess_mode")) \
+    guess = flag(d.get("guessmode", d.get("guess_mode")), False, f"{where}.guessmode")
+    mode = "control" if d.get("control_mode") is None and guess \
         else control_mode(d.get("control_mode", "Balanced"), f"{where}.control_mode")
     number = lambda key, default: _number(d.get(key, default), f"{where}.{key}")  # noqa: E731
     return Unit(index=index, model=model, label=label, annotator=m.annotator,
                 params=annotator_params(m, d.get("processor_res", -1), d.get("threshold_a", -1),
-                                        d.get("threshold_b", -1), bool(d.get("pixel_perfect", False))),
+                                        d.get("threshold_b", -1),
+                                        flag(d.get("pixel_perfect"), False, f"{where}.pixel_perfect")),
                 image=None if blank(image) else image,
                 scale=number("weight", 1.0), start=number("guidance_start", 0.0), end=number("guidance_end", 1.0),
                 mode=mode, resize_mode=resize_mode(d.get("resize_mode", "Crop and Resize"), f"{where}.resize_mode"),
-                save_detected_map=bool(d.get("save_detected_map", True)))
+                save_detected_map=flag(d.get("save_detected_map"), True, f"{where}.save_detected_map"))
 
 
 def _number(v: Any, where: str) -> float:

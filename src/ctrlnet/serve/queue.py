@@ -63,6 +63,7 @@ class GenerationQueue:
                 finally:
                     with self._lock:
                         self.running = False
+                        self._interrupt.clear()  # it was for this one
                         self.done += 1
                         self.last_seconds = time.perf_counter() - t0
         finally:

@@ -265,14 +265,14 @@ class Server:
         except ValueError as e:  # the pipeline's own checks that need the model: image sizes, ...
             raise ApiError(400, str(e)) from None
 
-    def generate(self, req: GenerateRequest, controls: list[Control], on_step=None) -> dict:
+    def generate(self, req: GenerateRequest, controls: list[Control], on_step=None, stop=None) -> dict:
         """Run the Pipeline on the model thread; ``controls`` from ``controls()``, ``req`` from
         ``sized()`` (so width and height are set)."""
         t0 = time.perf_counter()
         result, notes = self.run_pipeline(dict(
             prompt=req.prompt, controls=controls, negative_prompt=req.negative_prompt, steps=req.steps,
             guidance=req.guidance, guidance_rescale=req.guidance_rescale, seed=req.seed, num_images=req.num_images,
-            width=req.width, height=req.height, scheduler=req.scheduler, callback=on_step))
+            width=req.width, height=req.height, scheduler=req.scheduler, callback=on_step, stop=stop))
         w, h = result.images[0].size
         return {"images": [data_url(png_bytes(im, p)) for im, p in zip(result.images, result.parameters)],
                 "conditions": [data_url(png_bytes(m)) for m in result.conditions],
