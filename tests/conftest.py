@@ -1,11 +1,5 @@
 """Shared fixtures: tiny real models built from configs, seeded. No mocks."""
 
-import os
-import subprocess
-import sys
-import time
-import urllib.error
-
 import pytest
 import torch
 
@@ -84,36 +78,9 @@ def server(tmp_path_factory):
     """`python -m ctrlnet.cli serve` on a free loopback port; small limits so the tests can hit them."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from servekit import Client, free_port
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "ctrlnet.cli", "serve", "--port", str(port), "--queue", "1",
-           "--max-upload-mb", "1", "--max-pixels", "1000000", "--max-steps", "50", "--max-images", "2"]
-    empty = tmp_path_factory.mktemp("no-detector-weights")  # the machine's own weights are not found
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           "CTRLNET_ANNOTATORS": str(empty), "HF_HUB_CACHE": str(empty / "hub"), "HOME": str(empty / "home")}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    client = Client(f"http://127.0.0.1:{port}")
-    # it comes up when its models are loaded; the deadline only guards against a hang, so it is far
-    # beyond any machine's load time
-    deadline = time.time() + 900
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"ctrlnet serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if client.get("/api/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"ctrlnet serve did not come up in 900 s:\n{log.read_text()}")
-        time.sleep(0.5)
-    client.proc, client.log = proc, log
+    from servekit import launch, stop
+    client = launch(["--queue", "1", "--max-upload-mb", "1", "--max-pixels", "1000000", "--max-steps", "50",
+                     "--max-images", "2"], tmp_path_factory.mktemp("serve") / "server.log",
+                    tmp_path_factory.mktemp("no-detector-weights"))  # the machine's own weights are not found
     yield client
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(client)

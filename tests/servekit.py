@@ -5,7 +5,11 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -72,6 +76,46 @@ class Client:
         status, headers, out = self.request("POST", path, body,
                                             {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         return status, json.loads(out)
+
+
+def launch(args: list[str], log, weights_dir, headers: dict | None = None) -> "Client":
+    """`python -m ctrlnet.cli serve --port P ARGS` on a free loopback port, with no detector weights
+    to find (``weights_dir``: an empty folder); returns its Client (``.proc``, ``.log``) once
+    /api/health answers (with ``headers``, e.g. credentials). The deadline only turns a hang into a
+    failure, so it is far beyond any machine's load time."""
+    import pytest
+    port = free_port()
+    cmd = [sys.executable, "-m", "ctrlnet.cli", "serve", "--port", str(port), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           "CTRLNET_ANNOTATORS": str(weights_dir), "HF_HUB_CACHE": str(weights_dir / "hub"),
+           "HOME": str(weights_dir / "home")}
+    env.pop("CTRLNET_API_AUTH", None)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    client = Client(f"http://127.0.0.1:{port}")
+    deadline = time.time() + 900
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"ctrlnet serve exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if client.request("GET", "/api/health", headers=headers)[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"ctrlnet serve did not come up in 900 s:\n{log.read_text()}")
+        time.sleep(0.5)
+    client.proc, client.log = proc, log
+    return client
+
+
+def stop(client: "Client") -> None:
+    client.proc.terminate()
+    try:
+        client.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        client.proc.kill()
 
 
 def _length(response: bytes) -> int:

@@ -190,6 +190,9 @@ def test_openoutpaint_img2img(server, shapes_sample):
     assert len(r["images"]) == 2 and decode(r["images"][0]).size == (128, 128)
     info = __import__("json").loads(r["info"])
     assert info["all_seeds"] == [1]
+    got = np.asarray(decode(r["images"][0]).convert("RGB")).astype(int)
+    change = np.abs(got - maps["target"].astype(int)).mean(axis=(0, 2))  # per column
+    assert change[:64].mean() < change[64:].mean()  # the unmasked left half is kept, the right repainted
 
 
 @pytest.mark.parametrize("change, status, words", [
@@ -231,3 +234,29 @@ def test_limits(server, shapes_sample):
         "ADetailer": {"args": [True, {}]}}})
     assert code == 422 and "ADetailer" in r["detail"]
     assert server.get("/api/health")[0] == 200
+
+
+# ---------------------------------------------------------------------- --api-auth, over a real socket
+
+def test_webuiapi_with_credentials(tmp_path_factory, shapes_sample):
+    """A second server with --api-auth: webuiapi with the credentials works; without them, or with
+    wrong ones, every route answers 401 (webuiapi raises on txt2img, returns the body elsewhere)."""
+    from servekit import launch, stop
+    auth = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    server = launch(["--api-auth", "alice:s3cret"], tmp_path_factory.mktemp("auth") / "server.log",
+                    tmp_path_factory.mktemp("no-weights"), headers={"Authorization": auth})
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        good = webuiapi.WebUIApi(host=host, port=int(port), username="alice", password="s3cret")
+        assert good.util_get_current_model().startswith("nano [") and good.has_controlnet
+        r = good.txt2img(prompt="x", steps=1, width=128, height=128)
+        assert len(r.images) == 1
+        for api in (webuiapi.WebUIApi(host=host, port=int(port)),
+                    webuiapi.WebUIApi(host=host, port=int(port), username="alice", password="wrong")):
+            assert api.get_options()["detail"] == "Incorrect username or password"
+            with pytest.raises(RuntimeError, match="401"):
+                api.txt2img(prompt="x", steps=1)
+        status, headers, _ = server.request("GET", "/controlnet/model_list")
+        assert status == 401 and headers["www-authenticate"].startswith("Basic")
+    finally:
+        stop(server)

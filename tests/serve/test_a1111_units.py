@@ -468,3 +468,123 @@ def test_settings_and_control_types(app, local):
     assert types["Canny"]["default_model"] == title
     _, _, models = asyncio.run(asgi_json(app, "GET", "/controlnet/model_list"))
     assert title in models["model_list"]
+
+
+# ---------------------------------------------------------------------- what the review found (each once a bug)
+
+def png_b64(im) -> str:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_masks_are_read_as_a1111_reads_them(api):
+    """A varying alpha channel is the mask (opaque = repaint), whatever the colours; otherwise the
+    greyscale of the colours (pure red 200 is grey 60: keep), not their brightest channel."""
+    from PIL import Image
+    rgba = np.zeros((64, 64, 4), np.uint8)  # black everywhere, opaque only in a square
+    rgba[16:48, 16:48, 3] = 255
+    m = api.mask(png_b64(Image.fromarray(rgba, "RGBA")), "mask")
+    assert m.shape == (64, 64, 3) and (m[16:48, 16:48] == 255).all() and m.sum() == 255 * 3 * 32 * 32
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[:, :32] = (200, 0, 0)
+    red[:, 32:] = 255
+    m = api.mask(png_b64(Image.fromarray(red)), "mask")
+    assert m[0, 0, 0] < 128 and m[0, 40, 0] == 255
+
+
+@pytest.mark.parametrize("v", [float("inf"), float("-inf"), float("nan"), 1.5])
+def test_modes_refuse_non_whole_numbers_naming_where(v):
+    for fn in (ext.resize_mode, ext.control_mode):
+        with pytest.raises(ValueError, match="here"):
+            fn(v, "here")
+
+
+def test_options_keep_scalars_only_and_a_bounded_number(app, local):
+    nested = {"k": [[[[1]]]]}
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/sdapi/v1/options", nested))
+    assert status == 400 and "options.k" in r["detail"]
+    status, _, r = asyncio.run(asgi_json(app, "POST", "/sdapi/v1/options", {f"o{i}": i for i in range(300)}))
+    assert status == 400 and "at most" in r["detail"]
+    status, _, r = asyncio.run(asgi_json(app, "GET", "/sdapi/v1/options"))
+    assert status == 200 and "k" not in r and "o0" not in r
+
+
+def test_deeply_nested_fields_are_refused_before_the_work(api):
+    deep = 0
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ApiError) as e:
+        api.prepare(Txt2ImgRequest(prompt="x", steps=1, override_settings={"k": deep}))
+    assert e.value.status == 400 and "nested" in e.value.message
+
+
+@pytest.mark.parametrize("sampler, img2img", [("PLMS", False), ("DDIM", True), ("Euler a", True)])
+def test_progress_counts_the_steps_the_sampler_runs(api, shapes_sample, sampler, img2img):
+    """img2img runs strength x steps, PLMS one step more: the progress goes to exactly its total."""
+    _, maps = shapes_sample
+    fields = {"prompt": "x", "steps": 6, "n_iter": 2, "sampler_name": sampler, "width": 128, "height": 128}
+    req = Img2ImgRequest(**fields, init_images=[b64png(maps["target"])], denoising_strength=0.5) if img2img \
+        else Txt2ImgRequest(**fields)
+    job = api.prepare(req)
+    seen = []
+    api.run(job, on_step=seen.append)
+    assert seen == list(range(job.calls * job.n_iter))
+    assert job.calls == (3 if img2img else 7)
+
+
+def test_units_flags_canny_order_and_the_last_script_key():
+    assert ext.units([cn(enabled=None)], TITLES)  # null = the default (enabled)
+    assert ext.units([cn(enabled="false"), cn(enabled=0)], TITLES) == []
+    with pytest.raises(ValueError, match=r"\[0\]\.enabled"):
+        ext.units([cn(enabled="maybe")], TITLES)
+    u = unit(cn(threshold_a=200, threshold_b=100))  # OpenCV takes them in either order: so do we
+    assert (u.params["low"], u.params["high"]) == (100, 200)
+    assert unit(cn(pixel_perfect="true")).params == {"low": 100, "high": 200}
+
+
+def test_the_last_controlnet_entry_with_units_wins(api):
+    units = api.units({"controlnet": {"args": [cn(), cn()]}, "ControlNet": {"args": [cn(weight=0.5)]},
+                       "CONTROLNET": {"args": []}})
+    assert [u.scale for u in units] == [0.5]
+
+
+def test_sampler_names_in_any_case():
+    assert A1111.sampler("dpm++ 2m", None) == ("DPM++ 2M", "dpmpp_2m_karras")
+    assert A1111.sampler("euler A", "Automatic") == ("Euler a", "euler_a")
+    assert A1111.sampler("dpm++ 2m karras", None) == ("DPM++ 2M", "dpmpp_2m_karras")
+
+
+def test_processor_res_is_lowered_to_fit_the_caps(api):
+    """webuiapi's default processor_res 512 on a 3:1 photo would make a 1536 px map, over
+    max_side 1024: lowered in steps of 64 until the map fits."""
+    from ctrlnet.annotators import resolution_size
+    params = api.fit_resolution(np.zeros((128, 384, 3), np.uint8), {"low": 1, "detect_resolution": 512})
+    sh, sw = resolution_size(128, 384, params["detect_resolution"], "t", "detect_resolution")
+    assert params["detect_resolution"] < 512 and max(sh, sw) <= CONFIG.max_side
+    assert api.fit_resolution(np.zeros((128, 128, 3), np.uint8), {"detect_resolution": 512}) == \
+        {"detect_resolution": 512}
+
+
+def test_loopback_is_an_address_not_a_prefix():
+    from ctrlnet.serve.config import is_loopback
+    assert is_loopback("127.0.0.1") and is_loopback("127.1.2.3") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("127.example.com") and not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+
+
+def test_an_interrupt_stops_a_json_api_generation_too(local, shapes_sample):
+    """/sdapi/v1/interrupt stops whatever runs, /api/generate's too; the flag ends with the run."""
+    from ctrlnet.serve.schemas import GenerateRequest
+    q, seen = local.generation, []
+    req = GenerateRequest(prompt="x", steps=20, width=128, height=128)
+
+    def on_step(i):
+        seen.append(i)
+        if i == 2:
+            q.interrupt()
+    q.enter()
+    with q.run(20):
+        local.generate(req, [], on_step, q.interrupted)
+    assert seen == [0, 1, 2] and not q.interrupted()
