@@ -59,7 +59,7 @@ def cmd_train(args) -> None:
         print(f"trained ControlNet: {out}")
 
 
-CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize"}
+CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize", "every"}
 CONTROL_SYNTAX = ("KEY=VALUE pairs separated by commas; a value holding commas goes in double or single quotes "
                   """(--control 'model=nano-canny,image="a,b.png"')""")
 
@@ -95,7 +95,7 @@ def split_control(spec: str) -> list[tuple[str, str]]:
 
 
 def parse_control(spec: str, keys: set[str] = CONTROL_KEYS, aliases: dict[str, str] | None = None) -> Control:
-    """``model=M,image=P[,annotator=A][,scale=S][,start=A][,end=B][,mode=M][,resize=R]`` -> Control.
+    """``model=M,image=P[,annotator=A][,scale=S][,start=A][,end=B][,mode=M][,resize=R][,every=K]`` -> Control.
     Annotator parameters go as ``annotator.low=50``. A scale of several values: ``scale=0.5/1/...``.
     A value with commas in quotes: ``image="a,b.png"`` (``split_control``).
     ``aliases``: other key names for a field (eval's ``condition=COLUMN`` is its image)."""
@@ -116,7 +116,8 @@ def parse_control(spec: str, keys: set[str] = CONTROL_KEYS, aliases: dict[str, s
         return Control(model=fields["model"], image=fields.get("image"), annotator=fields.get("annotator", ""),
                        annotator_params=params, scale=scale[0] if len(scale) == 1 else scale,
                        start=float(fields.get("start", 0)), end=float(fields.get("end", 1)),
-                       mode=fields.get("mode", "balanced"), resize_mode=fields.get("resize", "crop_and_resize"))
+                       mode=fields.get("mode", "balanced"), resize_mode=fields.get("resize", "crop_and_resize"),
+                       every=int(fields.get("every", 1)))
     except ValueError as e:
         raise ValueError(f"--control {spec!r}: {e}") from None
 

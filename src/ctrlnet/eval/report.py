@@ -59,7 +59,7 @@ def report_control(c: Control) -> dict:
     """A control as report.json records it (``condition``: the metadata column, or null)."""
     return {"model": str(c.model), "annotator": c.annotator, "annotator_params": dict(c.annotator_params),
             "condition": c.image, "scale": c.scale, "start": c.start, "end": c.end, "mode": c.mode,
-            "resize_mode": c.resize_mode}
+            "resize_mode": c.resize_mode, "every": c.every}
 
 
 def reextraction_metric(annotator: str):

@@ -60,6 +60,8 @@ class Control:
     makes the inpaint ControlNet's condition from the init image and the mask (masked pixels -1).
     ``scale``: one float or one per residual, each in [0, 10]. ``start``/``end``: the fraction of
     steps where it acts, in [0, 1]. ``mode``: balanced | prompt | control (see ``sampling``).
+    ``every``: run the net at every k-th of its steps and reuse its last residuals in between
+    (ControlNet reuse; 1 = every step).
     """
 
     model: Any
@@ -71,11 +73,12 @@ class Control:
     end: float = 1.0
     mode: str = "balanced"
     resize_mode: str = "crop_and_resize"
+    every: int = 1
 
     def check(self) -> None:
         """Every rule a control unit obeys, for the CLI, the Python API and the server alike."""
         where = f"control {self.model}"
-        check_control(self.mode, self.start, self.end, where, self.scale)
+        check_control(self.mode, self.start, self.end, where, self.scale, self.every)
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"{where}: resize mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.image is None and self.annotator != "inpaint":
@@ -379,7 +382,7 @@ class Pipeline:
             cond_t = torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, self.dtype)  # (1 or P, 3, H, W)
             hint = net.embed_condition(cond_t)  # (1 or P, C0, h, w)
             hint = hint.repeat_interleave(num_images, 0) if c.per_prompt else hint.expand(b, -1, -1, -1)  # (B, ...)
-            actives.append(ActiveControl(self.compiled(net), hint, c.scale, c.start, c.end, c.mode))
+            actives.append(ActiveControl(self.compiled(net), hint, c.scale, c.start, c.end, c.mode, c.every))
         return maps, actives
 
     def prepare_timesteps(self, scheduler: str, steps: int, strength: float, img2img: bool):
@@ -557,7 +560,7 @@ class Pipeline:
             model = c.model if not isinstance(c.model, ControlNet) else "custom"
             unit = (f"Module: {c.annotator or 'none'}, Model: {model}, Weight: {c.scale}, Resize Mode: "
                     f"{c.resize_mode}, Guidance Start: {c.start}, Guidance End: {c.end}, Control Mode: "
-                    f"{mode_names[c.mode]}")
+                    f"{mode_names[c.mode]}" + (f", Every: {c.every}" if c.every > 1 else ""))
             items.append((f"ControlNet {i}", f'"{unit}"'))
         for i, rp in enumerate(region_prompts):
             items.append((f"Region {i}", f'"{rp}"'))

@@ -54,6 +54,7 @@ RANGES = {
     "scale": Range(0, 10),
     "start": Range(0, 1),
     "end": Range(0, 1),
+    "every": Range(1, 1000, integer=True),  # a ControlNet runs at every k-th of its steps (reuse in between)
     "seed": Range(RANDOM_SEED, MAX_SEED, integer=True),
 }
 

@@ -15,6 +15,10 @@ balanced``, ``cfg_injection = mode == control``):
   multiplies by 0).
 - Hint features (the hint encoder's output) are computed once per generation, not per step.
 - Residuals of several nets are summed.
+- ``every=k`` (ControlNet reuse): a net runs at the first of its active steps and every k-th after,
+  and its last residuals are reused at the steps between. Neighbouring steps' residuals differ
+  little (the latents and the timestep move a little, the hint not at all), so k = 2 saves about
+  half the ControlNet's cost; its price in control is measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -56,12 +60,13 @@ def default_guidance(base: LockedBase) -> tuple[float, float]:
     return (2.5, 0.7) if zsnr else (7.5, 0.0)
 
 
-def check_control(mode: str, start: float, end: float, where: str = "control", scale=1.0) -> None:
+def check_control(mode: str, start: float, end: float, where: str = "control", scale=1.0, every: int = 1) -> None:
     """The rules every control obeys, user spec or runtime form alike (ranges: ``ranges.RANGES``)."""
     if mode not in CONTROL_MODES:
         raise ValueError(f"{where}: mode {mode!r} is not one of {', '.join(CONTROL_MODES)}")
     check("start", start, where)
     check("end", end, where)
+    check("every", every, where)
     if start > end:
         raise ValueError(f"{where}: need start <= end, got start={start}, end={end}")
     check_scale(scale, where)
@@ -77,9 +82,10 @@ class ActiveControl:
     start: float = 0.0
     end: float = 1.0
     mode: str = "balanced"
+    every: int = 1  # run at every k-th active step, reuse the last residuals in between
 
     def __post_init__(self):
-        check_control(self.mode, self.start, self.end, scale=self.scale)
+        check_control(self.mode, self.start, self.end, scale=self.scale, every=self.every)
 
     def active(self, i: int, n: int) -> bool:
         """Whether the net runs at step i of n (diffusers' window rule; a zero scale never runs)."""
@@ -111,14 +117,23 @@ class RegionBatch:
 
 
 def control_residuals(controls: Sequence[ActiveControl], i: int, n: int, model_in: torch.Tensor, t,
-                      text: torch.Tensor, added: dict | None, uncond_rows: int):
+                      text: torch.Tensor, added: dict | None, uncond_rows: int, reuse: dict | None = None,
+                      keep_copies: bool = False):
     """Summed residuals of the nets active at step i of n for the batch ``model_in`` (k * B rows in
     blocks of B: the unconditional block first when ``uncond_rows`` = B (CFG), then the conditional
-    block, then one block per region prompt)."""
+    block, then one block per region prompt). ``reuse``: the loop's memory for nets with
+    ``every`` > 1 (control index -> (active steps so far, last residuals)); ``keep_copies``: the
+    residuals live in buffers the next call overwrites (CUDA graphs), so the kept ones are copies."""
     out = []
-    for c in controls:
+    for j, c in enumerate(controls):
         if not c.active(i, n):
             continue
+        if c.every > 1 and reuse is not None:
+            runs, kept = reuse.get(j, (0, None))
+            reuse[j] = (runs + 1, kept)
+            if runs % c.every and kept is not None:  # not this net's step: its last residuals again
+                out.append(kept)
+                continue
         net, soft = c.net, c.mode != "balanced"
         k = model_in.shape[0] // c.hint.shape[0]
         if uncond_rows and c.mode == "control":  # conditional rows only; zeros for the unconditional block
@@ -132,6 +147,9 @@ def control_residuals(controls: Sequence[ActiveControl], i: int, n: int, model_i
             hint = c.hint.repeat(k, 1, 1, 1) if k > 1 else c.hint  # (k*B, C0, h, w)
             down, mid = net(model_in.to(net.dtype), t, text.to(net.dtype), hint=hint, conditioning_scale=c.scale,
                             guess_mode=soft, added_cond_kwargs=added)
+        if c.every > 1 and reuse is not None:
+            kept = (tuple(d.clone() for d in down), mid.clone()) if keep_copies else (down, mid)
+            reuse[j] = (reuse[j][0], kept)
         out.append((down, mid))
     return sum_residuals(out)
 
@@ -173,6 +191,7 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
                      "time_ids": added["time_ids"][:b].repeat(blocks, 1)}
     # only stochastic samplers (DDPM, Euler a, ...) take a generator
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    reuse: dict = {}  # ControlNet reuse (``every``): per net, its active steps so far and last residuals
     for i, t in enumerate(timesteps):
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -183,7 +202,7 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
             unet_in = torch.cat([model_in, extra.repeat(blocks, 1, 1, 1)], dim=1)
         else:
             unet_in = model_in
-        residuals = control_residuals(controls, i, n, model_in, t, text, added, b if cfg else 0)
+        residuals = control_residuals(controls, i, n, model_in, t, text, added, b if cfg else 0, reuse, cuda_graphs)
         pred = controlled_unet_forward(unet, unet_in.to(unet.dtype), t, text.to(unet.dtype), residuals,
                                        added_cond_kwargs=added).float()
         if cuda_graphs:

@@ -43,12 +43,14 @@ class ControlUnitRequest(pydantic.BaseModel):
     # the library's own lists, so the schema offers exactly what Control accepts
     mode: Literal[CONTROL_MODES] = "balanced"
     resize_mode: Literal[RESIZE_MODES] = "crop_and_resize"
+    every: int = Field(1, **bounds("every"), description="run the net at every k-th step, reuse its residuals "
+                                                          "in between")
 
     def to_control(self, image: np.ndarray) -> Control:
         """This unit as the Pipeline takes it, with its decoded ``image``."""
         return Control(model=self.model, image=image, annotator=self.annotator, annotator_params=dict(self.params),
                        scale=self.scale, start=self.start, end=self.end, mode=self.mode,
-                       resize_mode=self.resize_mode)
+                       resize_mode=self.resize_mode, every=self.every)
 
 
 class GenerateRequest(pydantic.BaseModel):
