@@ -3,7 +3,7 @@ ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run
 
     .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
         [--dtypes fp32,bf16,fp16] [--channels-last] [--compile] [--repeat N] [--allocator system|retain]
-        [--modes 'diffusers fp32,ctrlnet fp32']
+        [--modes 'diffusers fp32,ctrlnet fp32'] [--every 2,4]
     .venv/bin/python benchmarks/bench_generate.py --peak-rss [--resolutions 512] [--steps 2]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
@@ -16,6 +16,8 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
   the weights across calls (the default packs in place at each call's first step);
 - ``base only``: ours without the ControlNet (the ControlNet's overhead is the difference);
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
+- ``every=K`` (``--every 2,4``): ours with ControlNet reuse, the net run at every K-th step and its
+  residuals reused in between (``Control(every=K)``).
 - ``compiled`` (``--compile``): ours with ``Pipeline(compile=True)`` (``torch.compile``; on a GPU
   mode "reduce-overhead": inductor's kernels replayed as CUDA graphs; on a CPU inductor with
   freezing), controlled, base only and end=0.5. Their warm-up call runs 4 steps instead of 1, so
@@ -202,6 +204,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtypes", default="", help="ours in these dtypes (default: see above)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the modes, interleaved; median")
+    parser.add_argument("--every", default="", help="ControlNet reuse modes to time, e.g. 2,4 (every=K rows)")
     parser.add_argument("--channels-last", action="store_true",
                         help="also ours with Pipeline(channels_last=True): rows 'ctrlnet DTYPE channels_last'")
     parser.add_argument("--compile", action="store_true",
@@ -217,6 +220,7 @@ def main() -> None:
                              "'diffusers fp32' is always kept as the reference); default: all")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    everys = [int(k) for k in args.every.split(",") if k.strip()]
     if args.peak_rss or args.child:
         return peak_rss(args)
     if args.allocator == "retain":
@@ -303,6 +307,9 @@ def main() -> None:
                 runs[f"ctrlnet {label} base only"] = lambda k, cb, run=run: run(k, cb, controls=())
                 runs[f"ctrlnet {label} end=0.5"] = lambda k, cb, run=run: run(
                     k, cb, controls=(Control("net", image, end=0.5),))
+                for every in everys:
+                    runs[f"ctrlnet {label} every={every}"] = lambda k, cb, run=run, every=every: run(
+                        k, cb, controls=(Control("net", image, every=every),))
             if args.modes:  # long calls (e.g. 20 steps at 512 px) leave time for a few modes only
                 wanted = ["diffusers fp32", *(m.strip() for m in args.modes.split(",") if m.strip())]
                 unknown = [m for m in wanted if m not in runs]
@@ -341,8 +348,9 @@ def main() -> None:
             ref_s = results["diffusers fp32"]
             for mode, s in results.items():
                 dtype = next((d for d in ("bf16", "fp16") if d in mode), "fp32")
-                flops = (unet_gf + (0 if "base only" in mode else control_gf * (0.5 if "end=0.5" in mode else 1))
-                         + (hint_gf if mode.startswith("diffusers") else 0))
+                every = int(mode.split("every=")[1]) if "every=" in mode else 1
+                share = 0 if "base only" in mode else 0.5 if "end=0.5" in mode else -(-args.steps // every) / args.steps
+                flops = unet_gf + control_gf * share + (hint_gf if mode.startswith("diffusers") else 0)
                 row = {"resolution": res, "mode": mode, "s_per_step": round(s, 4),
                        "rounds": [round(t, 4) for t in times[mode]],
                        "page_faults_per_step": round(statistics.median(faults[mode])),
