@@ -117,9 +117,16 @@ def parse_control(spec: str, keys: set[str] = CONTROL_KEYS, aliases: dict[str, s
                        annotator_params=params, scale=scale[0] if len(scale) == 1 else scale,
                        start=float(fields.get("start", 0)), end=float(fields.get("end", 1)),
                        mode=fields.get("mode", "balanced"), resize_mode=fields.get("resize", "crop_and_resize"),
-                       every=int(fields.get("every", 1)))
+                       every=whole_number(fields.get("every", "1"), "every"))
     except ValueError as e:
         raise ValueError(f"--control {spec!r}: {e}") from None
+
+
+def whole_number(text: str, key: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{key}={text}: expected a whole number") from None
 
 
 PACKAGE = Path(__file__).resolve().parent  # the ctrlnet package
@@ -361,9 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, metavar="DIR", help=TOKENIZER_HELP)
     p.add_argument("--control", action="append", default=[], metavar="model=M,image=P[,annotator=A][,scale=S]"
                    "[,start=A][,end=B][,mode=balanced|prompt|control][,resize=crop_and_resize|just_resize|"
-                   "resize_and_fill]", help="a control unit (repeatable: several ControlNets, residuals summed): "
-                   f"{CONTROL_SYNTAX}; scale {RANGES['scale'].describe()} (or one per residual, separated by /), "
-                   "start/end fractions of the steps in [0, 1]")
+                   "resize_and_fill][,every=K]", help="a control unit (repeatable: several ControlNets, residuals "
+                   f"summed): {CONTROL_SYNTAX}; scale {RANGES['scale'].describe()} (or one per residual, separated "
+                   "by /), start/end fractions of the steps in [0, 1]; every=K runs the net at every K-th step and "
+                   "reuses its residuals in between")
     p.add_argument("--steps", type=in_range("steps"), default=20, help=RANGES["steps"].describe())
     p.add_argument("--guidance", type=in_range("guidance"), default=None,
                    help=f"CFG scale, {RANGES['guidance'].describe()}; <= 1 turns CFG off (default: 2.5 for zero-SNR "
@@ -424,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="nano")
     p.add_argument("--tokenizer", default=None, metavar="DIR", help=TOKENIZER_HELP)
     p.add_argument("--control", action="append", required=True,
-                   metavar="model=M[,annotator=A][,condition=COLUMN][,scale=S][,start=A][,end=B][,mode=M]",
+                   metavar="model=M[,annotator=A][,condition=COLUMN][,scale=S][,start=A][,end=B][,mode=M][,every=K]",
                    help="a ControlNet to evaluate, with generate's --control keys but image= (the condition "
                         "comes from the data; repeat: nets act together; a glob over checkpoints: a curve)")
     p.add_argument("--data", required=True, help="fill50k folder/prompt file, metadata.jsonl, or ShapesWorld folder")

@@ -78,5 +78,7 @@ def test_bad_every_is_refused(every):
 def test_cli_spec_and_parameters_text(pipe):
     c = parse_control("model=net,image=x.png,every=3")
     assert c.every == 3
+    with pytest.raises(ValueError, match="every=2.5: expected a whole number"):
+        parse_control("model=net,image=x.png,every=2.5")
     result = pipe("a", controls=[Control("net", condition(), every=2)], steps=2, seed=0, output_type="latent")
     assert "Every: 2" in result.parameters[0]
