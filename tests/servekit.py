@@ -205,6 +205,20 @@ async def asgi_json(app, method: str, path: str, payload=None):
     return status, headers, json.loads(out)
 
 
+def wait_until(condition, what: str):
+    """Await ``condition()`` (a state the test caused, not a duration): yields to the event loop;
+    the bound only turns a bug into a failure instead of a hang."""
+    import pytest
+
+    async def poll():
+        for _ in range(100_000):
+            if condition():
+                return
+            await asyncio.sleep(0.001)
+        pytest.fail(f"never happened: {what}")
+    return poll()
+
+
 def png(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import pytest
 
-from servekit import asgi_call, asgi_json, b64png
+from servekit import asgi_call, asgi_json, b64png, wait_until
 
 pytest.importorskip("fastapi")
 
@@ -58,17 +58,6 @@ def unit(raw: dict) -> ext.Unit:
 
 def scripts(*units) -> dict:
     return {"controlnet": {"args": list(units)}}
-
-
-def wait_until(condition, what: str):
-    """Await a state the test caused (not a duration); the bound only turns a hang into a failure."""
-    async def poll():
-        for _ in range(100_000):
-            if condition():
-                return
-            await asyncio.sleep(0.001)
-        pytest.fail(f"never happened: {what}")
-    return poll()
 
 
 # ---------------------------------------------------------------------- extension.py: units

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from servekit import Hangup, asgi_call, asgi_json, b64png, decode_data_url, make_request, png, sideways_jpeg
+from servekit import (Hangup, asgi_call, asgi_json, b64png, decode_data_url, make_request, png, sideways_jpeg,
+                      wait_until)
 
 pytest.importorskip("fastapi")
 
@@ -38,18 +39,6 @@ def local():
 @pytest.fixture(scope="module")
 def app(local):
     return http.create_app(CONFIG, server=local)
-
-
-def wait_until(condition, what: str):
-    """Await ``condition()`` (a state the test caused, not a duration): yields to the event loop;
-    the limit only turns a bug into a failure instead of a hang."""
-    async def poll():
-        for _ in range(100_000):
-            if condition():
-                return
-            await asyncio.sleep(0.001)
-        pytest.fail(f"never happened: {what}")
-    return poll()
 
 
 # ---------------------------------------------------------------------- the queue
