@@ -156,14 +156,15 @@ def annotator_params(m: Module, processor_res: Any, threshold_a: Any, threshold_
     return params
 
 
-def _key(v: Any, where: str) -> str:
-    """A mode as a table key: a name lower-cased, or a whole number as its digits (NaN, infinity and
-    3.5 are refused, naming ``where``)."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        if not math.isfinite(v) or v != int(v):
-            raise ValueError(f"{where}: {v!r} is not a mode")
-        return str(int(v))
-    return str(v).strip().lower()
+def _mode(table: dict[str, str], v: Any, where: str, what: str, names: str) -> str:
+    """Our mode for a client's: a name (any case, old spellings) or a whole number; NaN, infinity,
+    3.5 and unknown names are a ValueError naming ``where`` and the names to use."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    whole = number and math.isfinite(v) and v == int(v)
+    key = str(int(v)) if whole else str(v).strip().lower()
+    if key not in table or (number and not whole):
+        raise ValueError(f"{where}: unknown {what} {v!r}; use {names} (or 0-2)")
+    return table[key]
 
 
 def flag(v: Any, default: bool, where: str) -> bool:
@@ -178,19 +179,12 @@ def flag(v: Any, default: bool, where: str) -> bool:
 
 
 def resize_mode(v: Any, where: str) -> str:
-    key = _key(v, where)
-    if key not in RESIZE:
-        raise ValueError(f"{where}: unknown resize mode {v!r}; use Just Resize, Crop and Resize, Resize and Fill "
-                         "(or 0-2)")
-    return RESIZE[key]
+    return _mode(RESIZE, v, where, "resize mode", "Just Resize, Crop and Resize, Resize and Fill")
 
 
 def control_mode(v: Any, where: str) -> str:
-    key = _key(v, where)
-    if key not in CONTROL_MODES:
-        raise ValueError(f"{where}: unknown control mode {v!r}; use Balanced, My prompt is more important, "
-                         "ControlNet is more important (or 0-2)")
-    return CONTROL_MODES[key]
+    return _mode(CONTROL_MODES, v, where, "control mode",
+                 "Balanced, My prompt is more important, ControlNet is more important")
 
 
 # ---------------------------------------------------------------------- models
