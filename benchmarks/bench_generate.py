@@ -3,7 +3,7 @@ ctrlnet's Pipeline against diffusers' StableDiffusionControlNetPipeline, one run
 
     .venv/bin/python benchmarks/bench_generate.py [--resolutions 256,512] [--steps 4] [--device cpu|cuda]
         [--dtypes fp32,bf16,fp16] [--channels-last] [--compile] [--repeat N] [--allocator system|retain]
-        [--modes 'diffusers fp32,ctrlnet fp32'] [--every 2,4]
+        [--modes 'diffusers fp32,ctrlnet fp32'] [--every 2,4] [--openvino]
     .venv/bin/python benchmarks/bench_generate.py --peak-rss [--resolutions 512] [--steps 2]
 
 Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
@@ -18,6 +18,17 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
 - ``end=0.5``: ours with the ControlNet active for the first half of the steps only (skipped after).
 - ``every=K`` (``--every 2,4``): ours with ControlNet reuse, the net run at every K-th step and its
   residuals reused in between (``Control(every=K)``).
+- ``--openvino`` (CPU): ``ctrlnet openvino DTYPE`` (``Pipeline(backend="openvino")``, fp32 and bf16
+  inference precision), with its base only / end=0.5 / every=K rows, against ``openvino reference
+  DTYPE``: the loop OpenVINO's own ControlNet examples run, i.e. diffusers' ControlNetModel (hint
+  encoder included) and the UNet converted with static shapes and called every step on both CFG
+  halves, DDIM and CFG in PyTorch (what a user of OpenVINO alone gets; like diffusers it has no
+  start/end, so it has no end=0.5 row: diffusers' pipeline runs the net at scale 0 after the end).
+  Their warm-up call runs 2 steps (with 1, end=0.5 would leave the net out and compile it in the timing).
+  Each OpenVINO mode's compiled models are dropped after its timing (memory: every compiled model
+  holds its weights once more), so its warm-up call reads the converted model back and compiles it
+  again. Conversion is timed apart: ``openvino_first_call`` gives a 1-step call's seconds with an
+  empty cache (converting the UNet, ControlNet and VAE decoder) and with the converted models cached.
 - ``compiled`` (``--compile``): ours with ``Pipeline(compile=True)`` (``torch.compile``; on a GPU
   mode "reduce-overhead": inductor's kernels replayed as CUDA graphs; on a CPU inductor with
   freezing), controlled, base only and end=0.5. Their warm-up call runs 4 steps instead of 1, so
@@ -156,6 +167,103 @@ def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float
     return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps, warm, steady, (returned - start) / steps
 
 
+def openvino_reference(base, theirs, cond, prompt: str, res: int, precision: str):
+    """run(steps, callback) for OpenVINO's own ControlNet loop (see the module docstring): diffusers'
+    ControlNetModel, hint encoder included, and the UNet as static-shape OpenVINO models, the net run
+    at every step on both CFG halves; returns (run, release)."""
+    import openvino as ov
+    from diffusers import DDIMScheduler
+    from ctrlnet.pipeline.text import guidance_text
+    h = res // 8
+    image = torch.from_numpy(np.asarray(cond)).permute(2, 0, 1)[None].float().div(255).repeat(2, 1, 1, 1)
+    models = {}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = theirs.requires_grad_(False)
+
+        def forward(self, x, t, text, image):
+            down, mid = self.net(x, t, text, controlnet_cond=image, return_dict=False)
+            return (*down, mid)
+
+    class UNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = base.unet
+
+        def forward(self, x, t, text, *res):
+            return self.unet(x, t, text, down_block_additional_residuals=list(res[:-1]),
+                             mid_block_additional_residual=res[-1], return_dict=False)[0]
+
+    def compiled():
+        if not models:
+            core = ov.Core()
+            props = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                     "PERFORMANCE_HINT": "LATENCY"}
+            x, t, text = torch.randn(2, 4, h, h), torch.tensor([999.0]), torch.randn(2, 77, 768)
+            res_ex = Net()(x, t, text, image)
+            models["net"] = core.compile_model(ov.convert_model(Net(), example_input=(x, t, text, image)), "CPU", props)
+            models["unet"] = core.compile_model(ov.convert_model(UNet(), example_input=(x, t, text, *res_ex)), "CPU",
+                                                props)
+        return models["net"], models["unet"]
+
+    def run(steps, cb):
+        net, unet = compiled()
+        text, _ = guidance_text(base, [prompt], "", True, res, res)  # (2, 77, 768) [uncond; cond]
+        sched = DDIMScheduler.from_config(base.scheduler.config)
+        sched.set_timesteps(steps)
+        latents = torch.randn(1, 4, h, h, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([latents] * 2), t)
+            ins = [x.numpy(), np.array([float(t)], np.float32), text.numpy()]
+            residuals = net([*ins, image.numpy()])
+            pred = torch.from_numpy(unet([*ins, *(residuals[o] for o in net.outputs)])[0])
+            uncond, cond_pred = pred.chunk(2)
+            latents = sched.step(uncond + 7.5 * (cond_pred - uncond), t, latents, return_dict=False)[0]
+            cb()
+        return latents
+    return run, models.clear
+
+
+def openvino_modes(runs, releases, base, net, theirs, cond, prompt, res, dtypes, everys, tmp: Path) -> None:
+    """The ``--openvino`` rows (module docstring), and the first-call times with an empty and a warm cache."""
+    from ctrlnet.pipeline import Control, Pipeline
+    from ctrlnet.pipeline.openvino import OpenVINOBackend
+    image = np.asarray(cond)
+    cache = tmp / f"openvino-{res}"
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    first = {}
+    for dtype in [d for d in dtypes if d in torch_dtypes]:
+        pipe = Pipeline(base, {"net": net}, backend=OpenVINOBackend(torch_dtypes[dtype], cache_dir=cache))
+
+        def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
+            return pipe(prompt, controls=list(controls), steps=k, callback=lambda i: cb(), guidance=7.5,
+                        guidance_rescale=0.0, width=res, height=res, output_type="latent")
+        times = {}
+        for when in ("empty cache", "cached"):  # the first converts (one IR for both precisions)
+            start = time.perf_counter()
+            run(1, lambda: None)
+            times[when] = round(time.perf_counter() - start, 1)
+            pipe.reset_backend()
+        first[dtype] = times
+        label = f"ctrlnet openvino {dtype}"
+        runs[label] = run
+        runs[f"{label} base only"] = lambda k, cb, run=run: run(k, cb, controls=())
+        runs[f"{label} end=0.5"] = lambda k, cb, run=run: run(k, cb, controls=(Control("net", image, end=0.5),))
+        for every in everys:
+            runs[f"{label} every={every}"] = lambda k, cb, run=run, every=every: run(
+                k, cb, controls=(Control("net", image, every=every),))
+        for mode in [m for m in runs if m.startswith(label)]:
+            releases[mode] = pipe.reset_backend
+        reference, release = openvino_reference(base, theirs, cond, prompt, res, dtype)
+        runs[f"openvino reference {dtype}"] = reference
+        releases[f"openvino reference {dtype}"] = release
+    print(json.dumps({"resolution": res, "openvino_first_call": first,
+                      "note": "1-step call, s; empty cache = converting the UNet, ControlNet and VAE decoder"}),
+          flush=True)
+
+
 def minor_faults() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -205,6 +313,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="", help="ours in these dtypes (default: see above)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the modes, interleaved; median")
     parser.add_argument("--every", default="", help="ControlNet reuse modes to time, e.g. 2,4 (every=K rows)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also the OpenVINO backend and OpenVINO's reference loop (CPU): see above")
     parser.add_argument("--channels-last", action="store_true",
                         help="also ours with Pipeline(channels_last=True): rows 'ctrlnet DTYPE channels_last'")
     parser.add_argument("--compile", action="store_true",
@@ -279,6 +389,9 @@ def main() -> None:
                 prompt, image=cond, num_inference_steps=n, guidance_scale=7.5, height=res, width=res,
                 output_type="latent", callback_on_step_end=lambda p, i, t, kw: (cb(), kw)[1])
             pipes = []  # kept alive for the rounds
+            releases = {}  # mode -> what frees its memory after its timing (OpenVINO's compiled models)
+            if args.openvino:
+                openvino_modes(runs, releases, base, net, theirs, cond, prompt, res, dtypes, everys, Path(tmp))
             # (dtype, channels_last, packed_weights, compile)
             variants = ([(d, False, None, False) for d in dtypes]
                         + ([(d, True, None, False) for d in dtypes] if args.channels_last else [])
@@ -323,13 +436,15 @@ def main() -> None:
             to_return = {mode: [] for mode in runs}
             for _ in range(args.repeat):
                 for mode, run in runs.items():
-                    seconds, step_faults, warm, steady_s, call_s = timed(run, args.steps, device,
-                                                                         warmup=4 if "compiled" in mode else 1)
+                    warmup = 4 if "compiled" in mode else 2 if "openvino" in mode else 1
+                    seconds, step_faults, warm, steady_s, call_s = timed(run, args.steps, device, warmup=warmup)
                     times[mode].append(seconds)
                     steady[mode].append(steady_s)
                     to_return[mode].append(call_s)
                     faults[mode].append(step_faults)
                     first_call.setdefault(mode, warm)
+                    if mode in releases:
+                        releases[mode]()
             results = {mode: statistics.median(ts) for mode, ts in times.items()}
             for label, pipe in pipes:  # how much was packed (kept copies: that much more memory)
                 if pipe.packed is not None and f"ctrlnet {label}" in runs:
@@ -348,9 +463,13 @@ def main() -> None:
             ref_s = results["diffusers fp32"]
             for mode, s in results.items():
                 dtype = next((d for d in ("bf16", "fp16") if d in mode), "fp32")
+                if mode.startswith("openvino reference"):  # its hint encoder runs every step, as diffusers'
+                    flops_hint = hint_gf
+                else:
+                    flops_hint = hint_gf if mode.startswith("diffusers") else 0
                 every = int(mode.split("every=")[1]) if "every=" in mode else 1
                 share = 0 if "base only" in mode else 0.5 if "end=0.5" in mode else -(-args.steps // every) / args.steps
-                flops = unet_gf + control_gf * share + (hint_gf if mode.startswith("diffusers") else 0)
+                flops = unet_gf + control_gf * share + flops_hint
                 row = {"resolution": res, "mode": mode, "s_per_step": round(s, 4),
                        "rounds": [round(t, 4) for t in times[mode]],
                        "page_faults_per_step": round(statistics.median(faults[mode])),

@@ -25,7 +25,7 @@ from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_
 from .images import save_png
 from .names import controlnet_path
 from .pipeline import Control, Pipeline, Region
-from .pipeline.controlled import DTYPES, grid
+from .pipeline.controlled import BACKENDS, DTYPES, grid
 from .pipeline.ranges import RANGES, Range
 from .pipeline.schedulers import SCHEDULERS
 from .serve import ServeConfig, serve
@@ -197,7 +197,7 @@ def cmd_generate(args) -> None:
         pipe = Pipeline.from_pretrained(args.base, controlnets=[c.model for c in controls], dtype=args.dtype,
                                         tokenizer=args.tokenizer,
                                         packed_weights=False if args.no_packed_weights else None,
-                                        compile=args.compile)
+                                        compile=args.compile, backend=args.backend)
     with shown_warnings("generate"):
         result = pipe(args.prompt, controls=controls, negative_prompt=args.negative_prompt, steps=args.steps,
                       guidance=args.guidance, guidance_rescale=args.guidance_rescale, seed=args.seed,
@@ -287,7 +287,7 @@ def cmd_eval(args) -> None:
                       seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                       guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, dtype=args.dtype,
                       baseline=not args.no_baseline, split_objects=args.split_objects, regions=args.regions,
-                      compile=args.compile, tokenizer=args.tokenizer)
+                      compile=args.compile, tokenizer=args.tokenizer, backend=args.backend)
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'} ({report['seconds']} s)")
 
@@ -305,10 +305,13 @@ def cmd_serve(args) -> None:
     serve(ServeConfig(host=args.host, port=args.port, base=args.base, controlnets=nets, dtype=args.dtype,
                       queue=args.queue, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
                       max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-                      compile=args.compile, tokenizer=args.tokenizer,
+                      compile=args.compile, tokenizer=args.tokenizer, backend=args.backend,
                       api_auth=args.api_auth or os.environ.get("CTRLNET_API_AUTH") or None))
 
 
+BACKEND_HELP = ("torch, or openvino (CPU; pip install 'ctrlnet[openvino]'): the UNet, ControlNets and VAE decoder "
+                "run as OpenVINO models, converted once per weights and cached in ~/.cache/ctrlnet/openvino "
+                "($CTRLNET_OPENVINO_CACHE); --dtype fp32 or bf16 is then OpenVINO's precision (see README)")
 TOKENIZER_HELP = ("a single-file base's tokenizer folder (vocab.json + merges.txt, or tokenizer.json); default: "
                   "the CLIP tokenizer shipped with ctrlnet")
 
@@ -387,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"short side at the model's native size, at most {RANGES['width'].hi} px per side)")
     p.add_argument("--height", type=in_range("height"), default=None, help="as --width")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS), help=BACKEND_HELP)
     p.add_argument("--no-packed-weights", action="store_true",
                    help="CPU fp32: PyTorch's plain convolution kernels instead of weights packed for the "
                         "denoising loop (slower; lower peak memory, see README)")
@@ -443,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=in_range("guidance_rescale"), default=None)
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS), help=BACKEND_HELP)
     p.add_argument("--no-baseline", action="store_true", help="skip the same prompts without control")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNets (see generate --compile)")
@@ -462,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH",
                    help="a ControlNet file/folder to offer (repeatable); with base nano the bundled nets are offered too")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS), help=BACKEND_HELP)
     p.add_argument("--queue", type=in_range(Range(0, 2 ** 31 - 1, integer=True)), default=4,
                    help="requests that may wait for the model; more get 503")
     p.add_argument("--max-upload-mb", type=in_range(Range(0, 2 ** 20, lo_open=True)), default=16.0,

@@ -65,6 +65,8 @@ def to_rgb(image: Image.Image | np.ndarray, where: str = "image") -> np.ndarray:
         a = (a.astype(np.float32) / 257).round().astype(np.uint8)  # 65535 -> 255
     if a.dtype != np.uint8:
         raise ImageError(f"{where}: expected uint8 or uint16 pixels, got {a.dtype}")
+    if a.ndim in (2, 3) and 0 in a.shape[:2]:
+        raise ImageError(f"{where}: the image is empty ({a.shape[1]}x{a.shape[0]} pixels)")
     if a.ndim == 2:
         return np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim == 3 and a.shape[2] == 1:

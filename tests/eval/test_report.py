@@ -153,3 +153,18 @@ def test_compiled_eval_scores_like_eager(val, tmp_path):
     assert compiled["settings"]["compile"] == {"backend": "aot_eager", "dynamic": False}
     got, want = compiled["results"][0]["metrics"], eager["results"][0]["metrics"]
     assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 0.02 for k in want), (got, want)
+
+
+def test_openvino_eval_scores_like_torch(val, tmp_path, monkeypatch):
+    """evaluate(backend="openvino") (`ctrlnet eval --backend openvino`): the same scores as the torch
+    path (f32), the backend recorded in the report."""
+    pytest.importorskip("openvino", reason="the openvino extra (make test installs it)")
+    monkeypatch.setenv("CTRLNET_OPENVINO_CACHE", str(tmp_path / "openvino-cache"))
+    units = [Control("nano-canny", annotator="canny")]
+    eager = evaluate("nano", units, val, tmp_path / "torch", n=2, steps=2, progress=False, baseline=False)
+    ov = evaluate("nano", units, val, tmp_path / "openvino", n=2, steps=2, progress=False, baseline=False,
+                  backend="openvino")
+    assert ov["settings"]["backend"] == "openvino" and eager["settings"]["backend"] == "torch"
+    got, want = ov["results"][0]["metrics"], eager["results"][0]["metrics"]
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 0.02 for k in want), (got, want)
+    assert any(p.name.startswith("unet-") for p in (tmp_path / "openvino-cache").iterdir())

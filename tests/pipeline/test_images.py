@@ -28,6 +28,8 @@ def test_modes_become_rgb(tmp_path):
     (tmp_path / "t.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     with pytest.raises(ImageError, match="t.png: cannot decode"):
         load_image(tmp_path / "t.png")
+    with pytest.raises(ImageError, match=r"control image: the image is empty \(64x0 pixels\)"):
+        to_rgb(np.zeros((0, 64, 3), np.uint8), "control image")  # not a division by zero later
 
 
 def test_resize_modes():

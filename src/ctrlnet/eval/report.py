@@ -175,12 +175,12 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
              seeds: int = 1, steps: int = 20, guidance: float | None = None, guidance_rescale: float | None = None,
              scheduler: str = "ddim", dtype: str = "fp32", baseline: bool = True, split_objects: bool = False,
              progress: bool = True, batch: int = 16, regions: bool = False, compile: bool | dict = False,
-             tokenizer: str | Path | None = None) -> dict:
+             tokenizer: str | Path | None = None, backend: str = "torch") -> dict:
     """Generate, score and write the report; returns the report dict (also ``out/report.json``).
     ``controls``: each unit's model, annotator (with its parameters), scale, start/end and mode act as
     in generation; its condition comes from ``condition_for`` (``image``: a metadata column or None).
     ``compile``: ``Pipeline(compile=...)`` (torch.compile of the UNet and ControlNets; with a checkpoint
-    glob, each checkpoint's net compiles anew)."""
+    glob, each checkpoint's net compiles anew). ``backend``: ``Pipeline(backend=...)``."""
     if not controls:
         raise ValueError("eval: give at least one --control")
     for c in controls:  # a detector's weights or package: before the base loads
@@ -197,7 +197,7 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
         if not samples:
             raise ValueError(f"eval: split_objects needs ShapesWorld samples with >= {len(controls)} objects")
     variants = expand_models(controls)
-    pipe = Pipeline.from_pretrained(base, dtype=dtype, compile=compile, tokenizer=tokenizer)
+    pipe = Pipeline.from_pretrained(base, dtype=dtype, compile=compile, tokenizer=tokenizer, backend=backend)
     size = samples[0]["target"].shape[0]
     conditions = []  # per sample: one map per control
     for s in samples:
@@ -244,7 +244,8 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
     report = {
         "base": str(base), "data": str(data), "n": len(samples), "seeds": seeds, "images_per_config": len(last_images),
         "controls": [report_control(c) for c in controls], "split_objects": split_objects,
-        "regions": regions, "settings": {**settings, "dtype": dtype, "compile": compile, "seed_rule": "sample i, image j: seed i * seeds + j"},
+        "regions": regions, "settings": {**settings, "dtype": dtype, "compile": compile, "backend": backend,
+                                         "seed_rule": "sample i, image j: seed i * seeds + j"},
         "results": results, "baseline": base_metrics, "seconds": round(seconds, 1),
         "versions": {"ctrlnet": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},

@@ -38,11 +38,13 @@ from ..prepack import PackedWeights
 from ..prepack import available as packing_available
 from .sampling import (ActiveControl, Inpainting, RegionBatch, check_control, decode, default_guidance, denoise,
                        encode_image, initial_noise)
+from .openvino import OpenVINOBackend
 from .ranges import MAX_SIDE, check_args, resolve_seed
 from .schedulers import make_scheduler, sampler_label
 from .text import encode_text, guidance_text, warn_long_prompts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("torch", "openvino")
 
 
 class SlowDtypeWarning(UserWarning):
@@ -156,7 +158,8 @@ class Pipeline:
 
     def __init__(self, base: LockedBase, controlnets: dict[str, ControlNet] | None = None,
                  dtype: torch.dtype = torch.float32, name: str = "", channels_last: bool = False,
-                 packed_weights: bool | PackedWeights | None = None, compile: bool | dict = False):
+                 packed_weights: bool | PackedWeights | None = None, compile: bool | dict = False,
+                 backend: str | OpenVINOBackend = "torch"):
         """``channels_last``: convolution weights of the UNet and the ControlNets in NHWC layout,
         the layout of GPU tensor-core convolutions (BENCHMARKS.md measures it).
         ``packed_weights``: on a CPU in fp32, the denoising loop runs every UNet and ControlNet
@@ -173,7 +176,25 @@ class Pipeline:
         (images, CFG, regions), set of active nets, scale or control mode is one more graph to compile
         (minutes for SD1.5-sized models; after ``torch._dynamo.config.recompile_limit`` (8) graphs a
         model runs uncompiled). Compiled graphs keep the weights they saw: after changing weights
-        call ``torch._dynamo.reset()``. BENCHMARKS.md measures it."""
+        call ``torch._dynamo.reset()``. BENCHMARKS.md measures it.
+        ``backend``: "torch", or "openvino" (CPU only, optional extra): the UNet, the ControlNets and the
+        VAE decoder run as OpenVINO models (``pipeline.openvino``), ``dtype`` (fp32 or bf16) being
+        OpenVINO's inference precision while the torch modules stay fp32; or an ``OpenVINOBackend``
+        to choose its cache folder and how many shapes it keeps compiled."""
+        if backend not in BACKENDS and not isinstance(backend, OpenVINOBackend):
+            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        self.openvino: OpenVINOBackend | None = None
+        if backend == "openvino" or isinstance(backend, OpenVINOBackend):
+            if base.unet.device.type != "cpu":
+                raise ValueError(f"backend openvino runs on the CPU; the base is on {base.unet.device}")
+            if (packed_weights is not None and packed_weights is not False) or isinstance(compile, dict) or compile:
+                raise ValueError("backend openvino excludes packed_weights and compile (OpenVINO packs and compiles "
+                                 "its own kernels); pass one of them")
+            self.openvino = backend if isinstance(backend, OpenVINOBackend) else OpenVINOBackend(dtype)
+            packed_weights = False
+            dtype = torch.float32  # the torch side (text encoders, hint encoders, VAE encoder) in fp32
+            if base.unet.dtype != dtype:
+                base.to(dtype=dtype)
         self.base = base
         self.dtype = dtype
         self.channels_last = channels_last
@@ -218,14 +239,23 @@ class Pipeline:
     def from_pretrained(cls, base: str | Path | LockedBase = "nano", controlnets: Sequence[Any] = (),
                         dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
                         channels_last: bool = False, packed_weights: bool | None = None,
-                        compile: bool | dict = False, tokenizer: str | Path | None = None) -> "Pipeline":
+                        compile: bool | dict = False, tokenizer: str | Path | None = None,
+                        backend: str = "torch") -> "Pipeline":
         """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint (``tokenizer``: a
         tokenizer folder to use instead of the shipped CLIP one, see ``load_base``); ``controlnets``:
         names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute);
-        ``packed_weights``, ``compile``: see ``__init__``."""
+        ``packed_weights``, ``compile``, ``backend``: see ``__init__``."""
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use fp32, bf16 or fp16")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        openvino = None
+        if backend == "openvino":  # checked before the base loads: the package, the device, the precision
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"backend openvino runs on the CPU, not {device}")
+            device = "cpu"
+            openvino = OpenVINOBackend(torch_dtype)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if torch_dtype == torch.float16 and device.type == "cpu":
             warnings.warn("fp16 on a CPU is very slow (no fp16 matmul units); use bf16 or fp32", SlowDtypeWarning,
@@ -234,10 +264,11 @@ class Pipeline:
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
                           "fp32; use --dtype fp32", SlowDtypeWarning, stacklevel=2)
         # loaded straight in the dtype asked for: an fp16 file run in bf16 never makes an fp32 copy
+        torch_dtype = torch.float32 if openvino else torch_dtype  # OpenVINO converts from fp32 modules
         base_model = base if isinstance(base, LockedBase) else load_base(base, dtype=torch_dtype, tokenizer=tokenizer)
         pipe = cls(base_model.to(device, torch_dtype), dtype=torch_dtype,
                    name=NANO if is_nano(base) else "", channels_last=channels_last,
-                   packed_weights=packed_weights, compile=compile)
+                   packed_weights=packed_weights, compile=compile, backend=openvino or "torch")
         for net in controlnets:
             pipe.controlnet(net)
         return pipe
@@ -257,12 +288,30 @@ class Pipeline:
         net = self.controlnets.pop(key, None)
         if net is not None:
             self._compiled.pop(id(net), None)
+            if self.openvino is not None:
+                self.openvino.forget(net)
+
+    @property
+    def backend(self) -> str:
+        return "openvino" if self.openvino is not None else "torch"
+
+    def reset_backend(self) -> None:
+        """After changing weights in place: forget the OpenVINO models and torch.compile graphs made
+        from the old ones (the next call converts or compiles again)."""
+        if self.openvino is not None:
+            self.openvino.reset()
+        self._compiled.clear()
+        if self.compile_kwargs is not None:
+            torch._dynamo.reset()
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` as the denoising loop calls it: its ``torch.compile`` wrapper (made once, kept
         with the Pipeline) when ``compile`` is on, else itself. The wrapper passes attribute reads
         (``config``, ``dtype``) through to the module. (The wrapper keeps its module alive, so an id
-        is never reused for another module while its entry exists.)"""
+        is never reused for another module while its entry exists.) With backend openvino: its
+        OpenVINO stand-in (``pipeline.openvino``)."""
+        if self.openvino is not None:
+            return self.openvino.wrap(module)
         if self.compile_kwargs is None:
             return module
         if id(module) not in self._compiled:
@@ -518,8 +567,13 @@ class Pipeline:
         conditions = [[to_uint8(x) for x in m] if isinstance(m, list) else to_uint8(m) for m in maps]
         if output_type == "latent":
             return Result([], conditions, params, latents, num_images, seeds)
-        images = decode(self.base, latents).numpy()
+        images = self.decode(latents).numpy()
         return Result([Image.fromarray(a) for a in images], conditions, params, latents, num_images, seeds)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents -> (B, H, W, 3) uint8, through the backend's VAE decoder."""
+        vae = self.openvino.wrap(self.base.vae) if self.openvino is not None else self.base.vae
+        return decode(dataclasses.replace(self.base, vae=vae), latents)
 
     def run_loop(self, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added, generator,
                  inpaint, region_batch, progress: bool, callback, stop=None) -> torch.Tensor:

@@ -27,6 +27,7 @@ class ServeConfig:
     # torch.compile the UNet and ControlNets (Pipeline(compile=...)): True, or torch.compile's kwargs
     # (used when the Server loads the base; a Pipeline handed to Server keeps its own setting)
     compile: Union[bool, dict] = False
+    backend: str = "torch"  # or "openvino" (Pipeline(backend=...))
     # HTTP basic credentials "USER:PASS[,USER2:PASS2]" (A1111's --api-auth), required on every route
     # when set; a server bound beyond loopback refuses to start without them
     api_auth: str | None = None

@@ -51,7 +51,7 @@ class Server:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")  # library chatter is dropped; a slow dtype is kept
                 pipeline = Pipeline.from_pretrained(config.base, dtype=config.dtype, compile=config.compile,
-                                                    tokenizer=config.tokenizer)
+                                                    tokenizer=config.tokenizer, backend=config.backend)
             self.load_warnings = list(dict.fromkeys(str(w.message) for w in caught
                                                     if issubclass(w.category, SlowDtypeWarning)))
         self.pipe = pipeline
