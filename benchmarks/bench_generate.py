@@ -24,11 +24,12 @@ Per resolution, one prompt, CFG 7.5 (both halves batched), one ControlNet, DDIM:
   encoder included) and the UNet converted with static shapes and called every step on both CFG
   halves, DDIM and CFG in PyTorch (what a user of OpenVINO alone gets; like diffusers it has no
   start/end, so it has no end=0.5 row: diffusers' pipeline runs the net at scale 0 after the end).
-  Their warm-up call runs 2 steps (with 1, end=0.5 would leave the net out and compile it in the timing).
-  Each OpenVINO mode's compiled models are dropped after its timing (memory: every compiled model
-  holds its weights once more), so its warm-up call reads the converted model back and compiles it
-  again. Conversion is timed apart: ``openvino_first_call`` gives a 1-step call's seconds with an
-  empty cache (converting the UNet, ControlNet and VAE decoder) and with the converted models cached.
+  Their warm-up call runs 2 steps (with 1, end=0.5 would leave the net out and compile it in the
+  timing). Each OpenVINO mode's compiled models are dropped after its timing (memory: every compiled
+  model holds its weights once more), so its warm-up call reads the converted model back and compiles
+  it again (the reference's models are converted at its first warm-up and saved as IR, as ours).
+  Conversion is timed apart: ``openvino_first_call`` gives a 1-step call's seconds with an empty
+  cache (converting the UNet and the ControlNet; latents out, so no decoder) and with them cached.
 - ``compiled`` (``--compile``): ours with ``Pipeline(compile=True)`` (``torch.compile``; on a GPU
   mode "reduce-overhead": inductor's kernels replayed as CUDA graphs; on a CPU inductor with
   freezing), controlled, base only and end=0.5. Their warm-up call runs 4 steps instead of 1, so
@@ -167,10 +168,11 @@ def timed(run, steps: int, device: torch.device, warmup: int = 1) -> tuple[float
     return (stamps[-1] - start) / steps, (minor_faults() - faults) / steps, warm, steady, (returned - start) / steps
 
 
-def openvino_reference(base, theirs, cond, prompt: str, res: int, precision: str):
+def openvino_reference(base, theirs, cond, prompt: str, res: int, precision: str, folder: Path):
     """run(steps, callback) for OpenVINO's own ControlNet loop (see the module docstring): diffusers'
     ControlNetModel, hint encoder included, and the UNet as static-shape OpenVINO models, the net run
-    at every step on both CFG halves; returns (run, release)."""
+    at every step on both CFG halves; returns (run, release). The converted models are saved in
+    ``folder`` at the first call (shared by both precisions) and compiled from there."""
     import openvino as ov
     from diffusers import DDIMScheduler
     from ctrlnet.pipeline.text import guidance_text
@@ -198,14 +200,19 @@ def openvino_reference(base, theirs, cond, prompt: str, res: int, precision: str
 
     def compiled():
         if not models:
+            if not (folder / "unet.xml").is_file():
+                x, t, text = torch.randn(2, 4, h, h), torch.tensor([999.0]), torch.randn(2, 77, 768)
+                res_ex = Net()(x, t, text, image)
+                folder.mkdir(parents=True, exist_ok=True)
+                ov.save_model(ov.convert_model(Net(), example_input=(x, t, text, image)), str(folder / "net.xml"),
+                              compress_to_fp16=False)
+                ov.save_model(ov.convert_model(UNet(), example_input=(x, t, text, *res_ex)), str(folder / "unet.xml"),
+                              compress_to_fp16=False)
             core = ov.Core()
             props = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
                      "PERFORMANCE_HINT": "LATENCY"}
-            x, t, text = torch.randn(2, 4, h, h), torch.tensor([999.0]), torch.randn(2, 77, 768)
-            res_ex = Net()(x, t, text, image)
-            models["net"] = core.compile_model(ov.convert_model(Net(), example_input=(x, t, text, image)), "CPU", props)
-            models["unet"] = core.compile_model(ov.convert_model(UNet(), example_input=(x, t, text, *res_ex)), "CPU",
-                                                props)
+            for name in ("net", "unet"):
+                models[name] = core.compile_model(core.read_model(str(folder / f"{name}.xml")), "CPU", props)
         return models["net"], models["unet"]
 
     def run(steps, cb):
@@ -231,17 +238,17 @@ def openvino_modes(runs, releases, base, net, theirs, cond, prompt, res, dtypes,
     from ctrlnet.pipeline import Control, Pipeline
     from ctrlnet.pipeline.openvino import OpenVINOBackend
     image = np.asarray(cond)
-    cache = tmp / f"openvino-{res}"
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     first = {}
     for dtype in [d for d in dtypes if d in torch_dtypes]:
+        cache = tmp / f"openvino-{res}-{dtype}"  # one cache per precision: each "empty cache" call converts
         pipe = Pipeline(base, {"net": net}, backend=OpenVINOBackend(torch_dtypes[dtype], cache_dir=cache))
 
         def run(k, cb, pipe=pipe, controls=(Control("net", image),)):
             return pipe(prompt, controls=list(controls), steps=k, callback=lambda i: cb(), guidance=7.5,
                         guidance_rescale=0.0, width=res, height=res, output_type="latent")
         times = {}
-        for when in ("empty cache", "cached"):  # the first converts (one IR for both precisions)
+        for when in ("empty cache", "cached"):  # the first converts
             start = time.perf_counter()
             run(1, lambda: None)
             times[when] = round(time.perf_counter() - start, 1)
@@ -256,11 +263,12 @@ def openvino_modes(runs, releases, base, net, theirs, cond, prompt, res, dtypes,
                 k, cb, controls=(Control("net", image, every=every),))
         for mode in [m for m in runs if m.startswith(label)]:
             releases[mode] = pipe.reset_backend
-        reference, release = openvino_reference(base, theirs, cond, prompt, res, dtype)
+        reference, release = openvino_reference(base, theirs, cond, prompt, res, dtype, tmp / f"reference-{res}")
         runs[f"openvino reference {dtype}"] = reference
         releases[f"openvino reference {dtype}"] = release
     print(json.dumps({"resolution": res, "openvino_first_call": first,
-                      "note": "1-step call, s; empty cache = converting the UNet, ControlNet and VAE decoder"}),
+                      "note": "1-step call, s; empty cache = converting the UNet and the ControlNet "
+                              "(latents out: no decoder)"}),
           flush=True)
 
 

@@ -4,7 +4,6 @@ nets, reuse, regions, img2img, both inpainting kinds, SDXL), the disk cache (rea
 the compiled-shape limit, bf16, the CLI and bad input. Real OpenVINO conversions, no mocks."""
 
 import dataclasses
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from ctrlnet.testbed.tiny import tiny_unet_config, write_tiny_base
 
 ov = pytest.importorskip("openvino", reason="the openvino extra (make test installs it)")
 
-from ctrlnet.pipeline.openvino import MissingExtra, OpenVINOBackend, residual_shapes  # noqa: E402
+from ctrlnet.pipeline.openvino import OpenVINOBackend, residual_shapes, weights_digest  # noqa: E402
 
 ATOL = 1e-4  # f32: OpenVINO's kernels against PyTorch's (seen: ~3e-6)
 
@@ -25,7 +24,7 @@ ATOL = 1e-4  # f32: OpenVINO's kernels against PyTorch's (seen: ~3e-6)
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("ov-bases")
-    return {f: write_tiny_base(root / f, f) for f in ("sd15", "sdxl")}
+    return {f: write_tiny_base(root / f, f) for f in ("sd15", "sd21", "sdxl")}
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,10 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ov-cache")
 
 
-def trained_looking(base, seed=0) -> ControlNet:
+def trained_looking(base, seed=0, **config) -> ControlNet:
     """A ControlNet from the base's encoder, zero convs and hint output moved off zero (as after training)."""
     torch.manual_seed(seed)
-    net = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 8)).eval()
+    net = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 8), **config).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
@@ -56,6 +55,7 @@ def pair(path, cache, nets=1, **backend):
     for kind in ("torch", "openvino"):
         base = load_base(path)
         named = {f"net{i}": trained_looking(base, seed=i) for i in range(nets)}
+        named["shuffle"] = trained_looking(base, seed=5, global_pool_conditions=True)  # residuals averaged
         chosen = OpenVINOBackend(cache_dir=cache, **backend) if kind == "openvino" else "torch"
         pipes.append(Pipeline(base, named, backend=chosen, packed_weights=False if kind == "torch" else None))
     return pipes
@@ -74,6 +74,7 @@ CASES = {
                                                                        scale=[0.2 * i for i in range(7)])]),
     "two nets, reuse, no CFG": dict(controls=lambda: [Control("net0", condition(seed=0), every=2, start=0.2),
                                                       Control("net1", condition(seed=1), scale=0.7)], guidance=1.0),
+    "a shuffle-style net (pooled residuals)": dict(controls=lambda: [Control("shuffle", condition(), scale=0.8)]),
     "regions, two images per prompt": dict(
         controls=lambda: [Control("net0", condition())], num_images=2,
         regions=lambda: [Region("a blue square", np.pad(np.full((64, 32), 255, np.uint8), ((0, 0), (32, 0))))]),
@@ -129,8 +130,10 @@ def test_nine_channel_inpainting_unet(bases, cache):
     same(pipes[0]("a cat", **kw).latents, pipes[1]("a cat", **kw).latents)
 
 
-def test_sdxl(bases, cache):
-    torch_pipe, ov_pipe = pair(bases["sdxl"], cache)
+@pytest.mark.parametrize("family", ["sd21", "sdxl"])
+def test_other_families(bases, cache, family):
+    """SD2.x (linear projections, v-prediction) and SDXL (added text / time embeddings as graph inputs)."""
+    torch_pipe, ov_pipe = pair(bases[family], cache)
     kw = dict(controls=[Control("net0", condition(), mode="control")], steps=3, guidance=4.0, seed=2,
               output_type="latent")
     same(torch_pipe("a red circle", **kw).latents, ov_pipe("a red circle", **kw).latents)
@@ -140,7 +143,7 @@ def test_cache_is_read_back_and_never_stale(bases, cache):
     _, ov_pipe = pair(bases["sd15"], cache)
     kw = dict(controls=[Control("net0", condition())], steps=2, seed=0, output_type="latent")
     first = ov_pipe("a circle", **kw).latents
-    # a new backend (as a new process): every model read from the cache folders, none converted
+    # a new backend with freshly loaded models: every model read from the cache folders, none converted
     base = load_base(bases["sd15"])
     again = Pipeline(base, {"net0": trained_looking(base)}, backend=OpenVINOBackend(cache_dir=cache))
     same(first, again("a circle", **kw).latents)
@@ -185,13 +188,18 @@ def test_residual_shapes_match_the_controlnet(bases):
         assert residual_shapes(base.unet.config, 2, h, w) == [tuple(r.shape) for r in (*down, mid)]
 
 
-def test_bf16_precision_runs_close_to_f32(bases, cache):
+def test_bf16_precision_runs_close_to_f32(bases, cache, monkeypatch):
     torch_pipe, _ = pair(bases["sd15"], cache)
-    base = load_base(bases["sd15"])
-    bf16 = Pipeline(base, {"net0": trained_looking(base)}, dtype=torch.bfloat16,
-                    backend=OpenVINOBackend(torch.bfloat16, cache_dir=cache))
-    assert bf16.dtype == torch.float32 and base.unet.dtype == torch.float32  # the torch side stays fp32
+    monkeypatch.setenv("CTRLNET_OPENVINO_CACHE", str(cache))
+    base = load_base(bases["sd15"], dtype=torch.bfloat16)  # a bf16 base: cast to fp32 for the torch side
+    bf16 = Pipeline(base, {"net0": trained_looking(load_base(bases["sd15"]))}, dtype=torch.bfloat16,
+                    backend="openvino")
+    assert bf16.dtype == torch.float32 and base.unet.dtype == torch.float32 and base.vae.dtype == torch.float32
+    assert bf16.controlnets["net0"].dtype == torch.float32
     assert bf16.openvino.properties["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert bf16.openvino.cache_dir == cache
+    loaded = Pipeline.from_pretrained(bases["sd15"], dtype="bf16", backend="openvino")
+    assert loaded.base.unet.dtype == torch.float32 and loaded.openvino.precision == torch.bfloat16
     kw = dict(controls=[Control("net0", condition())], steps=3, seed=0, output_type="latent")
     a, b = torch_pipe("a circle", **kw).latents, bf16("a circle", **kw).latents
     assert torch.isfinite(b).all()
@@ -203,22 +211,47 @@ def test_bad_input(bases, cache, monkeypatch):
     base = load_base(bases["sd15"])
     with pytest.raises(ValueError, match="backend 'tensorrt': use one of torch, openvino"):
         Pipeline(base, backend="tensorrt")
-    with pytest.raises(ValueError, match="backend openvino excludes packed_weights and compile"):
+    with pytest.raises(ValueError, match=r"backend openvino: compile \(--compile\) does not apply"):
         Pipeline(base, backend="openvino", compile=True)
-    with pytest.raises(ValueError, match="backend openvino excludes packed_weights and compile"):
+    with pytest.raises(ValueError, match=r"backend openvino: compile \(--compile\) does not apply"):
+        Pipeline.from_pretrained("/nonexistent/base", backend="openvino", compile={})  # before loading
+    with pytest.raises(ValueError, match="backend openvino: packed_weights does not apply"):
         Pipeline(base, backend="openvino", packed_weights=True)
+    with pytest.raises(ValueError, match="the backend's precision applies"):
+        Pipeline(base, dtype=torch.bfloat16, backend=OpenVINOBackend(torch.float32, cache_dir=cache))
+    with pytest.raises(ValueError, match="dtype 'fp8': use fp32, bf16 or fp16"):
+        Pipeline.from_pretrained(bases["sd15"], dtype="fp8", backend="openvino")
     with pytest.raises(ValueError, match="backend openvino: dtype fp16 is not supported; use fp32 or bf16"):
         Pipeline.from_pretrained(bases["sd15"], dtype="fp16", backend="openvino")
     with pytest.raises(ValueError, match="backend openvino runs on the CPU, not cuda"):
         Pipeline.from_pretrained(bases["sd15"], device="cuda", backend="openvino")
     with pytest.raises(ValueError, match="max_shapes: 0"):
         OpenVINOBackend(max_shapes=0)
-    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the extra were not installed
-    with pytest.raises(MissingExtra, match=r"needs the openvino package: pip install 'ctrlnet\[openvino\]'"):
-        Pipeline(base, backend="openvino")
 
 
-def test_cli_generate_and_eval_with_openvino(bases, cache, tmp_path, monkeypatch, capsys):
+def test_digest_is_the_same_in_every_process(bases):
+    """The cache key depends on the weights and the code, not on the process (diffusers' config keeps
+    a set-ordered list of defaults) or on the folder a model was loaded from."""
+    import shutil
+    import subprocess
+    import sys
+    other = bases["sd15"].parent / "sd15-copy"
+    if not other.exists():
+        shutil.copytree(bases["sd15"], other)
+    script = ("import sys; from ctrlnet.base import load_base; from ctrlnet.pipeline.openvino import weights_digest; "
+              "b = load_base(sys.argv[1]); print(weights_digest(b.unet, 'unet'), weights_digest(b.vae, 'vae'))")
+    digests = {subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True,
+                              env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout.strip()
+               for path, seed in ((bases["sd15"], "1"), (bases["sd15"], "2"), (other, "3"))}
+    assert len(digests) == 1, digests
+    base = load_base(bases["sd15"])
+    assert digests == {f"{weights_digest(base.unet, 'unet')} {weights_digest(base.vae, 'vae')}"}
+    with torch.no_grad():
+        base.unet.conv_out.bias.add_(1e-6)
+    assert weights_digest(base.unet, "unet") not in next(iter(digests))
+
+
+def test_cli_generate_with_openvino(bases, cache, tmp_path, monkeypatch, capsys):
     from ctrlnet import cli
     from ctrlnet.formats import save_controlnet
     monkeypatch.setattr(cli, "retain_freed_memory", lambda: None)  # process-wide: not in the test process
@@ -240,13 +273,9 @@ def test_cli_generate_and_eval_with_openvino(bases, cache, tmp_path, monkeypatch
     assert "dtype fp16 is not supported; use fp32 or bf16" in capsys.readouterr().err
 
 
-def test_server_and_cli_take_the_backend(bases):
-    from ctrlnet.cli import build_parser
+def test_server_takes_the_backend(bases):
     from ctrlnet.serve.config import ServeConfig
     from ctrlnet.serve.server import Server
-    server = Server(ServeConfig(base=str(bases["sd15"]), backend="openvino"))
-    assert server.pipe.backend == "openvino" and server.pipe.dtype == torch.float32
-    for command in (["serve"], ["eval", "--control", "model=m", "--data", "d", "--out", "o"],
-                    ["generate", "--prompt", "x"]):
-        assert build_parser().parse_args([*command, "--backend", "openvino"]).backend == "openvino"
-        assert build_parser().parse_args(command).backend == "torch"
+    server = Server(ServeConfig(base=str(bases["sd15"]), backend="openvino", dtype="bf16"))
+    assert server.pipe.backend == "openvino" and server.pipe.openvino.precision == torch.bfloat16
+    assert server.pipe.dtype == torch.float32 and server.pipe.base.unet.dtype == torch.float32

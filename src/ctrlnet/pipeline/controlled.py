@@ -126,6 +126,16 @@ class Result:
     seeds: list[int] = field(default_factory=list)  # image i's seed (the one drawn when seed=-1), as in its parameters
 
 
+def refuse_with_openvino(packed_weights, compile) -> None:
+    """Options the OpenVINO backend has no use for: a clear error naming the one given."""
+    if packed_weights is not None and packed_weights is not False:
+        raise ValueError("backend openvino: packed_weights does not apply (OpenVINO packs its own weights); "
+                         "leave it unset or use backend torch")
+    if isinstance(compile, dict) or compile:
+        raise ValueError("backend openvino: compile (--compile) does not apply (OpenVINO compiles its own "
+                         "kernels); drop it or use backend torch")
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU flags list AVX512-BF16 or AMX-BF16 (Linux); True when they cannot be read."""
     try:
@@ -179,17 +189,19 @@ class Pipeline:
         call ``torch._dynamo.reset()``. BENCHMARKS.md measures it.
         ``backend``: "torch", or "openvino" (CPU only, optional extra): the UNet, the ControlNets and the
         VAE decoder run as OpenVINO models (``pipeline.openvino``), ``dtype`` (fp32 or bf16) being
-        OpenVINO's inference precision while the torch modules stay fp32; or an ``OpenVINOBackend``
-        to choose its cache folder and how many shapes it keeps compiled."""
-        if backend not in BACKENDS and not isinstance(backend, OpenVINOBackend):
+        OpenVINO's inference precision while the torch modules stay fp32 (a base in another dtype is
+        cast to fp32); or an ``OpenVINOBackend`` (its cache folder, precision, compiled shapes kept),
+        whose precision ``dtype`` must then be or leave at fp32."""
+        if not isinstance(backend, OpenVINOBackend) and backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.openvino: OpenVINOBackend | None = None
-        if backend == "openvino" or isinstance(backend, OpenVINOBackend):
+        if isinstance(backend, OpenVINOBackend) or backend == "openvino":
             if base.unet.device.type != "cpu":
                 raise ValueError(f"backend openvino runs on the CPU; the base is on {base.unet.device}")
-            if (packed_weights is not None and packed_weights is not False) or isinstance(compile, dict) or compile:
-                raise ValueError("backend openvino excludes packed_weights and compile (OpenVINO packs and compiles "
-                                 "its own kernels); pass one of them")
+            refuse_with_openvino(packed_weights, compile)
+            if isinstance(backend, OpenVINOBackend) and dtype not in (torch.float32, backend.precision):
+                raise ValueError(f"dtype {dtype} with an OpenVINOBackend of precision {backend.precision}: the "
+                                 "backend's precision applies; leave dtype at fp32 or make them equal")
             self.openvino = backend if isinstance(backend, OpenVINOBackend) else OpenVINOBackend(dtype)
             packed_weights = False
             dtype = torch.float32  # the torch side (text encoders, hint encoders, VAE encoder) in fp32
@@ -240,29 +252,32 @@ class Pipeline:
                         dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
                         channels_last: bool = False, packed_weights: bool | None = None,
                         compile: bool | dict = False, tokenizer: str | Path | None = None,
-                        backend: str = "torch") -> "Pipeline":
+                        backend: str | OpenVINOBackend = "torch") -> "Pipeline":
         """``base``: "nano" (bundled), a diffusers folder or a single-file checkpoint (``tokenizer``: a
         tokenizer folder to use instead of the shipped CLIP one, see ``load_base``); ``controlnets``:
         names/paths/loaded nets; ``dtype``: fp32 | bf16 | fp16 (weights and compute);
         ``packed_weights``, ``compile``, ``backend``: see ``__init__``."""
-        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use fp32, bf16 or fp16")
-        if backend not in BACKENDS:
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if not isinstance(backend, OpenVINOBackend) and backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
         openvino = None
-        if backend == "openvino":  # checked before the base loads: the package, the device, the precision
+        if isinstance(backend, OpenVINOBackend) or backend == "openvino":
+            # checked before the base loads: the device, the other options, the package, the precision
             if device is not None and torch.device(device).type != "cpu":
                 raise ValueError(f"backend openvino runs on the CPU, not {device}")
+            refuse_with_openvino(packed_weights, compile)
             device = "cpu"
-            openvino = OpenVINOBackend(torch_dtype)
+            openvino = backend if isinstance(backend, OpenVINOBackend) else OpenVINOBackend(torch_dtype)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if torch_dtype == torch.float16 and device.type == "cpu":
             warnings.warn("fp16 on a CPU is very slow (no fp16 matmul units); use bf16 or fp32", SlowDtypeWarning,
                           stacklevel=2)
         if torch_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-            warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and far slower than "
-                          "fp32; use --dtype fp32", SlowDtypeWarning, stacklevel=2)
+            warnings.warn("this CPU has no native bf16 (AVX512-BF16 / AMX): OpenVINO will run f32 instead"
+                          if openvino else "this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated and "
+                          "far slower than fp32; use --dtype fp32", SlowDtypeWarning, stacklevel=2)
         # loaded straight in the dtype asked for: an fp16 file run in bf16 never makes an fp32 copy
         torch_dtype = torch.float32 if openvino else torch_dtype  # OpenVINO converts from fp32 modules
         base_model = base if isinstance(base, LockedBase) else load_base(base, dtype=torch_dtype, tokenizer=tokenizer)
@@ -277,6 +292,8 @@ class Pipeline:
 
     def add_controlnet(self, key: str, net: ControlNet) -> ControlNet:
         check_compatible(net, self.base, key)
+        if key in self.controlnets and self.controlnets[key] is not net:
+            self.remove_controlnet(key)  # the replaced net's compiled / converted models go with it
         net = net.to(self.base.unet.device, self.dtype).eval().requires_grad_(False)
         if self.channels_last:
             net.to(memory_format=torch.channels_last)

@@ -15,11 +15,11 @@ Lifecycle of one module (a UNet, a ControlNet or a VAE):
    changed weight file gets a new folder, never a stale model. Later processes read the IR back
    (a fraction of a second) instead of converting (half a minute for an SD1.5 UNet on 2 cores).
 2. compiled per input shape (``reshape`` to static shapes, then ``compile_model`` with the
-   precision hint f32 or bf16; a few seconds): static shapes ran 6-12% faster than dynamic ones
-   here. The last ``max_shapes`` compiled shapes per module are kept in memory.
+   precision hint f32 or bf16; a few seconds): static shapes ran faster than dynamic ones in a
+   one-off check. The last ``max_shapes`` compiled shapes per module are kept in memory.
 
-OpenVINO's own compiled-model cache (``CACHE_DIR``) is not used: for an SD1.5 UNet at 256 px it
-saved 0.2 s of a 3.5 s compile and wrote 3.3 GB per shape (BENCHMARKS.md).
+OpenVINO's own compiled-model cache (``CACHE_DIR``) is not used: in the same check (an SD1.5 UNet
+at 256 px) it saved a fraction of a second of a few-second compile and wrote 3.3 GB per shape.
 
 The converted graphs take what varies per call as inputs: a ControlNet's 13 residual scales (so one
 graph serves every scale, soft or flat) and the UNet's residuals (zeros at steps without control).
@@ -30,6 +30,7 @@ Weights are frozen into the IR: after changing a module's weights in place call
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -79,14 +80,28 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "ctrlnet" / "openvino"
 
 
-def weights_digest(module: nn.Module, kind: str, version: str) -> str:
+def code_versions(module: nn.Module) -> dict:
+    """What the traced graph's code depends on: the versions of OpenVINO, torch, diffusers and
+    ctrlnet, and the source files of the module's class and of these graphs (a local edit counts)."""
+    import diffusers
+    from ..version import __version__
+    sources = {Path(__file__), Path(inspect.getsourcefile(type(module)) or __file__)}
+    return {"openvino": openvino_module().__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "ctrlnet": __version__, "graph": GRAPH_VERSION,
+            "sources": sorted(hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sources if p.is_file())}
+
+
+def weights_digest(module: nn.Module, kind: str) -> str:
     """A digest of what the converted graph depends on: the kind of graph, the module's class and
-    config, every parameter and buffer (name, dtype, shape, bytes) and the converter's version.
-    SHA-256 (hardware-accelerated on current CPUs, 1.3 GB/s per core here), tensors hashed in
-    parallel threads (hashlib releases the GIL), then their digests in order."""
+    config (without diffusers' bookkeeping keys ``_name_or_path``, ``_use_default_values``..., which
+    change with the folder and even the process), every parameter and buffer (name, dtype, shape,
+    bytes) and ``code_versions``. SHA-256 (hardware-accelerated on current CPUs, 1.3 GB/s per core
+    here), tensors hashed in parallel threads (hashlib releases the GIL), then their digests in order."""
     config = getattr(module, "config", {})
     config = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
-    head = json.dumps([kind, GRAPH_VERSION, version, type(module).__name__, config], sort_keys=True, default=str)
+    config = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    head = json.dumps([kind, type(module).__name__, config, code_versions(module)], sort_keys=True, default=str)
+    tensors = [*module.named_parameters(), *module.named_buffers()]  # non-persistent buffers too
 
     def one(item) -> bytes:
         name, t = item
@@ -95,7 +110,7 @@ def weights_digest(module: nn.Module, kind: str, version: str) -> str:
         h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
         return h.digest()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        parts = list(pool.map(one, module.state_dict().items()))
+        parts = list(pool.map(one, tensors))
     return hashlib.sha256(head.encode() + b"".join(parts)).hexdigest()[:32]
 
 
@@ -162,6 +177,11 @@ class DecoderGraph(nn.Module):
 
 # ------------------------------------------------------------------ converted modules
 
+def complete(folder: Path) -> bool:
+    """A cache folder holding a whole converted model (the IR and its weights)."""
+    return (folder / "model.xml").is_file() and (folder / "model.bin").is_file()
+
+
 class ConvertedModel:
     """One torch module as an OpenVINO model: the IR (read from the cache or converted on first use,
     with that call's inputs as the tracing example) and its compiled forms, one per input shape."""
@@ -177,10 +197,10 @@ class ConvertedModel:
 
     def load(self, example: Sequence[torch.Tensor]) -> None:
         ov = self.backend.ov
-        digest = weights_digest(self.module, self.kind, ov.__version__)
+        digest = weights_digest(self.module, self.kind)
         self.folder = self.backend.cache_dir / f"{self.kind}-{digest}"
         xml = self.folder / "model.xml"
-        if xml.is_file() and (self.folder / "model.bin").is_file():
+        if complete(self.folder):
             self.model = self.backend.core.read_model(str(xml))
             return
         with torch.no_grad(), warnings.catch_warnings():
@@ -195,11 +215,18 @@ class ConvertedModel:
         try:
             ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)  # f32: the torch weights exactly
             (tmp / "source.json").write_text(json.dumps({"kind": self.kind, "class": type(self.module).__name__,
-                                                         "openvino": ov.__version__, "graph": GRAPH_VERSION}) + "\n")
+                                                         **code_versions(self.module)}) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
+            if self.folder.exists() and not complete(self.folder):  # left incomplete by hand: replaced
+                shutil.rmtree(self.folder)
             try:
                 os.replace(tmp, self.folder)
-            except OSError:  # another process got there first: its model is the same
-                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                if not complete(self.folder):  # not "another process got there first": a real failure
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process's model, the same one
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -220,7 +247,9 @@ class ConvertedModel:
                 self.compiled.popitem(last=False)
         self.compiled.move_to_end(shapes)
         arrays = [x.detach().float().contiguous().numpy() for x in inputs]
-        out = compiled(arrays)  # a fresh request per call, outputs copied out
+        # CompiledModel's own infer request, reused call after call (not thread-safe: the server
+        # runs every generation on its one model thread); outputs are copied out
+        out = compiled(arrays)
         return [torch.from_numpy(np.asarray(out[port])) for port in compiled.outputs]
 
 
@@ -233,6 +262,8 @@ class _Wrapper:
         self.module, self.converted = module, converted
 
     def __getattr__(self, name: str):
+        if name == "module":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.module, name)
 
 
@@ -262,8 +293,10 @@ class OpenVINOControlNet(_Wrapper):
 
     def __call__(self, sample, timestep, encoder_hidden_states, hint=None, conditioning_scale=1.0,
                  guess_mode=False, added_cond_kwargs=None, **kwargs):
-        if hint is None or kwargs:
-            raise ValueError(f"the OpenVINO ControlNet takes hint features and scales only, not {sorted(kwargs)}")
+        if hint is None:
+            raise ValueError("the OpenVINO ControlNet takes hint features: hint=net.embed_condition(condition)")
+        if kwargs:
+            raise ValueError(f"the OpenVINO ControlNet does not take {sorted(kwargs)}; use backend torch for them")
         scales = torch.tensor(self.module.residual_scales(conditioning_scale, soft=guess_mode))  # (n,)
         inputs = [sample, timestep_input(timestep), encoder_hidden_states, hint, scales]
         if added_cond_kwargs:
@@ -284,7 +317,8 @@ class OpenVINOBackend:
     its place (made once per module and kept). ``precision``: torch.float32 or torch.bfloat16
     (OpenVINO's inference precision hint; on a CPU without native bf16 OpenVINO runs f32).
     ``cache_dir``: where converted models are kept (``default_cache_dir()``). ``max_shapes``: compiled
-    input shapes kept per module (each holds the weights once more, in the inference precision)."""
+    input shapes kept per module (each holds the weights once more, in the inference precision, and
+    its activation buffers)."""
 
     def __init__(self, precision: torch.dtype = torch.float32, cache_dir: str | Path | None = None,
                  max_shapes: int = 2, threads: int | None = None):
@@ -339,7 +373,7 @@ class OpenVINOBackend:
         if config is not None and "latent_channels" in config:  # an AutoencoderKL: its decoder
             return OpenVINODecoder(module, ConvertedModel(self, module, DecoderGraph(module), "vae-decoder",
                                                           [[-1, config.latent_channels, -1, -1]]))
-        raise ValueError(f"backend openvino: cannot run a {type(module).__name__}")
+        raise ValueError(f"backend openvino: cannot run a {type(module).__name__}; use backend torch")
 
     def forget(self, module: nn.Module) -> None:
         """Drop a module's converted and compiled models (an unloaded ControlNet)."""
