@@ -275,11 +275,15 @@ def timestep_input(t) -> torch.Tensor:
 class OpenVINOUNet(_Wrapper):
     """Called as ``UNet2DConditionModel`` is by ``controlled_unet_forward``."""
 
+    _zeros: list[torch.Tensor] | None = None  # the last steps-without-control residuals, kept per size
+
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
                  down_block_additional_residuals=None, mid_block_additional_residual=None, return_dict=False):
         b, _, h, w = sample.shape
         if down_block_additional_residuals is None:  # a step without control: zeros, one graph for all steps
-            residuals = [torch.zeros(s) for s in residual_shapes(self.module.config, b, h, w)]
+            if self._zeros is None or self._zeros[0].shape[0] != b or self._zeros[0].shape[2:] != (h, w):
+                self._zeros = [torch.zeros(s) for s in residual_shapes(self.module.config, b, h, w)]  # read-only
+            residuals = self._zeros
         else:
             residuals = [*down_block_additional_residuals, mid_block_additional_residual]
         inputs = [sample, timestep_input(timestep), encoder_hidden_states, *residuals]
