@@ -216,9 +216,7 @@ class ConvertedModel:
             ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)  # f32: the torch weights exactly
             (tmp / "source.json").write_text(json.dumps({"kind": self.kind, "class": type(self.module).__name__,
                                                          **code_versions(self.module)}) + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             if self.folder.exists() and not complete(self.folder):  # left incomplete by hand: replaced
                 shutil.rmtree(self.folder)
             try:
