@@ -151,6 +151,7 @@ def test_cache_is_read_back_and_never_stale(bases, cache):
     assert not any(c.converted for c in again.openvino.converted())
     assert all((f / "model.xml").is_file() and (f / "model.bin").is_file() for f in folders.values())
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no half-written temporary folders
+    assert all(f.stat().st_mode & 0o777 == 0o755 for f in folders.values())  # readable by every user of the cache
     # weights changed in place: after reset_backend the net converts again, into another folder,
     # and its output follows the new weights (the torch path's with the same change)
     net = again.controlnets["net0"]
