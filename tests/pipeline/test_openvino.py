@@ -17,6 +17,7 @@ from ctrlnet.testbed.tiny import tiny_unet_config, write_tiny_base
 ov = pytest.importorskip("openvino", reason="the openvino extra (make test installs it)")
 
 from ctrlnet.pipeline.openvino import OpenVINOBackend, residual_shapes, weights_digest  # noqa: E402
+from pipeline.test_pipeline import condition, trained_looking as trained_looking_unseeded  # noqa: E402
 
 ATOL = 1e-4  # f32: OpenVINO's kernels against PyTorch's (seen: ~3e-6)
 
@@ -33,20 +34,9 @@ def cache(tmp_path_factory):
 
 
 def trained_looking(base, seed=0, **config) -> ControlNet:
-    """A ControlNet from the base's encoder, zero convs and hint output moved off zero (as after training)."""
+    """test_pipeline's net, its hint encoder's random init seeded too: the same net in both pipelines."""
     torch.manual_seed(seed)
-    net = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 8), **config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return net
-
-
-def condition(size=64, seed=0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.random((size, size, 3)) > 0.7).astype(np.uint8) * 255
+    return trained_looking_unseeded(base, seed, **config)
 
 
 def pair(path, cache, nets=1, **backend):

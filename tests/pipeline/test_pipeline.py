@@ -20,9 +20,10 @@ def bases(tmp_path_factory):
     return {f: write_tiny_base(root / f, f) for f in ("sd15", "sd21", "sdxl")}
 
 
-def trained_looking(base, seed=0) -> ControlNet:
-    """A ControlNet from the base's encoder with its zero convs moved off zero (as after training)."""
-    net = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 8)).eval()
+def trained_looking(base, seed=0, **config) -> ControlNet:
+    """A ControlNet from the base's encoder with its zero convs moved off zero (as after training);
+    ``config``: ControlNetConfig overrides."""
+    net = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 8), **config).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
