@@ -22,6 +22,7 @@ LAYERS = {
 }
 # imported inside functions on purpose: optional extras (and the stdlib's tomllib, absent on 3.10)
 OPTIONAL = {"fastapi", "uvicorn", "mediapipe", "datasets", "tomllib", "torch.utils.tensorboard", "onnx", "onnxruntime",
+            "openvino",  # the openvino extra (ctrlnet.pipeline.openvino imports it on first use)
             # ctrlnet.serve's HTTP side and schemas need the serve extra (fastapi, pydantic)
             "ctrlnet.serve.app", "ctrlnet.serve.server"}
 

@@ -41,11 +41,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+import diffusers
 import numpy as np
 import torch
 from torch import nn
 
 from ..models.controlnet import ControlNet
+from ..version import __version__
 
 GRAPH_VERSION = "1"  # bump when a graph's inputs or outputs change: old cache folders are then not read
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -83,8 +85,6 @@ def default_cache_dir() -> Path:
 def code_versions(module: nn.Module) -> dict:
     """What the traced graph's code depends on: the versions of OpenVINO, torch, diffusers and
     ctrlnet, and the source files of the module's class and of these graphs (a local edit counts)."""
-    import diffusers
-    from ..version import __version__
     sources = {Path(__file__), Path(inspect.getsourcefile(type(module)) or __file__)}
     return {"openvino": openvino_module().__version__, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "ctrlnet": __version__, "graph": GRAPH_VERSION,
