@@ -210,6 +210,8 @@ def test_bad_input(bases, cache, monkeypatch):
         Pipeline(base, backend="openvino", packed_weights=True)
     with pytest.raises(ValueError, match="the backend's precision applies"):
         Pipeline(base, dtype=torch.bfloat16, backend=OpenVINOBackend(torch.float32, cache_dir=cache))
+    with pytest.raises(ValueError, match="the backend's precision applies"):  # before loading, too
+        Pipeline.from_pretrained("/nonexistent/base", dtype="bf16", backend=OpenVINOBackend(cache_dir=cache))
     with pytest.raises(ValueError, match="dtype 'fp8': use fp32, bf16 or fp16"):
         Pipeline.from_pretrained(bases["sd15"], dtype="fp8", backend="openvino")
     with pytest.raises(ValueError, match="backend openvino: dtype fp16 is not supported; use fp32 or bf16"):

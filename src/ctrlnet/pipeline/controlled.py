@@ -126,6 +126,24 @@ class Result:
     seeds: list[int] = field(default_factory=list)  # image i's seed (the one drawn when seed=-1), as in its parameters
 
 
+def openvino_backend(backend: str | OpenVINOBackend, dtype: torch.dtype, packed_weights,
+                     compile) -> OpenVINOBackend | None:
+    """The OpenVINO backend ``backend`` asks for (None for torch), after the checks both ``Pipeline``
+    constructors make: a known name, a dtype that agrees with a given backend's precision, no
+    options it has no use for."""
+    if not isinstance(backend, OpenVINOBackend) and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return None
+    refuse_with_openvino(packed_weights, compile)
+    if isinstance(backend, OpenVINOBackend):
+        if dtype not in (torch.float32, backend.precision):
+            raise ValueError(f"dtype {dtype} with an OpenVINOBackend of precision {backend.precision}: the "
+                             "backend's precision applies; leave dtype at fp32 or make them equal")
+        return backend
+    return OpenVINOBackend(dtype)
+
+
 def refuse_with_openvino(packed_weights, compile) -> None:
     """Options the OpenVINO backend has no use for: a clear error naming the one given."""
     if packed_weights is not None and packed_weights is not False:
@@ -192,17 +210,10 @@ class Pipeline:
         OpenVINO's inference precision while the torch modules stay fp32 (a base in another dtype is
         cast to fp32); or an ``OpenVINOBackend`` (its cache folder, precision, compiled shapes kept),
         whose precision ``dtype`` must then be or leave at fp32."""
-        if not isinstance(backend, OpenVINOBackend) and backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
-        self.openvino: OpenVINOBackend | None = None
-        if isinstance(backend, OpenVINOBackend) or backend == "openvino":
-            if base.unet.device.type != "cpu":
-                raise ValueError(f"backend openvino runs on the CPU; the base is on {base.unet.device}")
-            refuse_with_openvino(packed_weights, compile)
-            if isinstance(backend, OpenVINOBackend) and dtype not in (torch.float32, backend.precision):
-                raise ValueError(f"dtype {dtype} with an OpenVINOBackend of precision {backend.precision}: the "
-                                 "backend's precision applies; leave dtype at fp32 or make them equal")
-            self.openvino = backend if isinstance(backend, OpenVINOBackend) else OpenVINOBackend(dtype)
+        if (backend == "openvino" or isinstance(backend, OpenVINOBackend)) and base.unet.device.type != "cpu":
+            raise ValueError(f"backend openvino runs on the CPU; the base is on {base.unet.device}")
+        self.openvino = openvino_backend(backend, dtype, packed_weights, compile)
+        if self.openvino is not None:
             packed_weights = False
             dtype = torch.float32  # the torch side (text encoders, hint encoders, VAE encoder) in fp32
             if base.unet.dtype != dtype:
@@ -260,16 +271,13 @@ class Pipeline:
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use fp32, bf16 or fp16")
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        if not isinstance(backend, OpenVINOBackend) and backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
-        openvino = None
-        if isinstance(backend, OpenVINOBackend) or backend == "openvino":
-            # checked before the base loads: the device, the other options, the package, the precision
-            if device is not None and torch.device(device).type != "cpu":
-                raise ValueError(f"backend openvino runs on the CPU, not {device}")
-            refuse_with_openvino(packed_weights, compile)
+        wants_openvino = backend == "openvino" or isinstance(backend, OpenVINOBackend)
+        if wants_openvino and device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"backend openvino runs on the CPU, not {device}")
+        # checked before the base loads: the name, the other options, the package, the precision
+        openvino = openvino_backend(backend, torch_dtype, packed_weights, compile)
+        if openvino is not None:
             device = "cpu"
-            openvino = backend if isinstance(backend, OpenVINOBackend) else OpenVINOBackend(torch_dtype)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if torch_dtype == torch.float16 and device.type == "cpu":
             warnings.warn("fp16 on a CPU is very slow (no fp16 matmul units); use bf16 or fp32", SlowDtypeWarning,
