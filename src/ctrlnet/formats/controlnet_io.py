@@ -26,6 +26,7 @@ import torch
 
 from ..configs import classify_base, known_controlnet_config
 from ..models.controlnet import ControlNet, ControlNetConfig
+from ..models.union import ControlNetUnion, UnionConfig
 from ..names import UnknownName, controlnet_path, is_nano, is_training_checkpoint
 from .checkpoint import controlnet_from_checkpoint, read_checkpoint, unflat
 from .keymap import build_keymap
@@ -36,6 +37,8 @@ PREFIX = "control_model."
 BASE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 NOT_A_CONTROLNET = "ctrlnet inspect / convert and --control read ControlNets; give a base as --base (load_base)"
 CONFIG_METADATA_KEY = "ctrlnet_config"  # our exports carry their exact config in safetensors metadata
+CONFIG_CLASSES = {"ControlNetModel": ControlNetConfig, "ControlNetUnionModel": UnionConfig}
+UNION_KEYS = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "diffusion_pytorch_model.bin")
 # ---------------------------------------------------------------- detection
@@ -152,11 +155,22 @@ def infer_config(original: dict[str, torch.Tensor]) -> ControlNetConfig:
 
 
 def infer_config_from_diffusers_keys(tensors: dict[str, torch.Tensor]) -> ControlNetConfig:
-    """``infer_config`` for a single file with diffusers key names and no config.json."""
+    """``infer_config`` for a single file with diffusers key names and no config.json (a Union
+    ControlNet's union parts read off their shapes too)."""
+    union = {k: v for k, v in tensors.items() if k.startswith(UNION_KEYS)}
+    tensors = {k: v for k, v in tensors.items() if k not in union}
     L = len({k.split(".")[3] for k in tensors if k.startswith("down_blocks.0.resnets.")})
     n_hint = len({k.split(".")[2] for k in tensors if k.startswith("controlnet_cond_embedding.blocks.")})
     keymap = build_keymap(tensors.keys(), L, n_hint)
-    return infer_config({keymap[k]: v for k, v in tensors.items()})
+    config = infer_config({keymap[k]: v for k, v in tensors.items()})
+    if not union:
+        return config
+    types, width = union["task_embedding"].shape
+    layers = {k.split(".")[1] for k in union if k.startswith("transformer_layes.")}
+    return UnionConfig.from_controlnet_config(
+        config, num_control_type=int(types), num_trans_channel=int(width), num_trans_layer=len(layers),
+        num_proj_channel=int(union["spatial_ch_projs.weight"].shape[0]),
+        num_trans_head=8 if width % 8 == 0 else 1)  # heads leave no trace in the weights; xinsir's: 8
 
 
 # ---------------------------------------------------------------- strict loading
@@ -192,7 +206,8 @@ def net_summary(net: ControlNet) -> str:
 
 def _config_from_metadata(metadata: dict[str, str]) -> ControlNetConfig | None:
     if CONFIG_METADATA_KEY in metadata:
-        return ControlNetConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        raw = json.loads(metadata[CONFIG_METADATA_KEY])
+        return CONFIG_CLASSES.get(raw.get("_class_name", "ControlNetModel"), ControlNetConfig).from_dict(raw)
     return None
 
 
@@ -202,17 +217,22 @@ def _read_diffusers_config(path: Path) -> ControlNetConfig:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read the ControlNet config: {e}") from None
     cls = raw.get("_class_name", "ControlNetModel")
-    if cls != "ControlNetModel":
-        raise CheckpointError(f"{path}: _class_name is {cls!r}; ctrlnet reads ControlNetModel folders only")
+    if cls not in CONFIG_CLASSES:
+        raise CheckpointError(f"{path}: _class_name is {cls!r}; ctrlnet reads {', '.join(CONFIG_CLASSES)} folders "
+                              "here (T2I-Adapter folders: ctrlnet.formats.load_control)")
     try:
-        return ControlNetConfig.from_dict(raw)
+        return CONFIG_CLASSES[cls].from_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: unsupported ControlNet config: {e}") from None
 
 
+def net_class(config: ControlNetConfig) -> type[ControlNet]:
+    return ControlNetUnion if isinstance(config, UnionConfig) else ControlNet
+
+
 def _build(config: ControlNetConfig, path: Path) -> ControlNet:
     try:
-        return ControlNet(config)
+        return net_class(config)(config)
     except ValueError as e:
         raise CheckpointError(f"{path}: the architecture read off this file cannot be built ({e}); pass its "
                               "config explicitly (load_controlnet(path, config=...))") from None
@@ -245,7 +265,7 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
         tensors, _ = read_state_dict(weights)
         if detect_format(tensors, str(weights)) != "diffusers":
             raise CheckpointError(f"{weights}: expected diffusers key names in a diffusers folder")
-        net = ControlNet(config or _read_diffusers_config(cfg_path))
+        net = _build(config or _read_diffusers_config(cfg_path), weights)
         load_strict(net, tensors, str(weights))
         return net.to(dtype) if dtype else net
 
@@ -262,6 +282,9 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
         load_strict(net, tensors, str(path))
     else:
         original = original_controlnet_tensors(tensors)
+        if isinstance(config, UnionConfig):
+            raise CheckpointError(f"{path}: a Union ControlNet config with original-format keys; Union ControlNets "
+                                  "exist in the diffusers layout only")
         net = _build(config or infer_config(original), path)
         keymap = build_keymap(net.state_dict().keys(), net.config.layers_per_block,
                               len(net.config.conditioning_embedding_out_channels) * 2 - 2)
@@ -284,6 +307,10 @@ def load_controlnet(path: str | Path, config: ControlNetConfig | dict | None = N
 
 # ---------------------------------------------------------------- writing
 
+def class_name(config: ControlNetConfig) -> str:
+    return "ControlNetUnionModel" if isinstance(config, UnionConfig) else "ControlNetModel"
+
+
 def diffusers_config_dict(config: ControlNetConfig) -> dict[str, Any]:
     d = config.to_dict()
     if d.pop("conditioning_downsample_factor") is not None:
@@ -291,7 +318,9 @@ def diffusers_config_dict(config: ControlNetConfig) -> dict[str, Any]:
             f"this ControlNet's hint encoder downsamples by {config.hint_downsample_factor}, which the diffusers and "
             "original formats cannot express; save it with ctrlnet's own format (save_controlnet(..., "
             "format='ctrlnet'))")
-    return {"_class_name": "ControlNetModel", "_diffusers_version": diffusers.__version__, **d}
+    if isinstance(config, UnionConfig) and d["mid_block_type"] == "UNetMidBlock2DCrossAttn":
+        del d["mid_block_type"]  # ControlNetUnionModel always has it and takes no such argument
+    return {"_class_name": class_name(config), "_diffusers_version": diffusers.__version__, **d}
 
 
 def save_controlnet(net: ControlNet, out: str | Path, format: str = "diffusers", half: bool = False) -> Path:
@@ -310,14 +339,25 @@ def save_controlnet(net: ControlNet, out: str | Path, format: str = "diffusers",
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     if format in ("diffusers", "ctrlnet"):
         config = diffusers_config_dict(net.config) if format == "diffusers" else \
-            {"_class_name": "ControlNetModel", **net.config.to_dict()}
+            {"_class_name": class_name(net.config), **net.config.to_dict()}
         out.mkdir(parents=True, exist_ok=True)
         write_safetensors(tensors, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
         tmp = out / "config.json.tmp"
         tmp.write_text(json.dumps(config, indent=2) + "\n")
         tmp.replace(out / "config.json")
         return out
+    if format == "single":  # one .safetensors file, diffusers key names, the exact config in its metadata
+        diffusers_config_dict(net.config)  # same representability check
+        if out.suffix != ".safetensors":
+            raise CheckpointError(f"{out}: a single-file ControlNet must end in .safetensors")
+        meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps({"_class_name": class_name(net.config),
+                                                                **net.config.to_dict()})}
+        write_safetensors(tensors, out, meta)
+        return out
     if format == "original":
+        if isinstance(net.config, UnionConfig):
+            raise CheckpointError(f"{out}: Union ControlNets exist in the diffusers layout only (a folder, or one "
+                                  "file with --to single); there is no original layout to write")
         diffusers_config_dict(net.config)  # same representability check
         c = net.config
         keymap = build_keymap(tensors.keys(), c.layers_per_block, len(c.conditioning_embedding_out_channels) * 2 - 2)
@@ -332,7 +372,7 @@ def save_controlnet(net: ControlNet, out: str | Path, format: str = "diffusers",
         else:
             raise CheckpointError(f"{out}: original-format output must end in .safetensors or .pth")
         return out
-    raise ValueError(f"unknown format {format!r}: expected diffusers, original or ctrlnet")
+    raise ValueError(f"unknown format {format!r}: expected diffusers, single, original or ctrlnet")
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:

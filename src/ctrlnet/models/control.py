@@ -95,13 +95,17 @@ class ControlledUNet(nn.Module):
 
 def controlled_unet_forward(unet: nn.Module, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                             residuals: Residuals | None, added_cond_kwargs: dict | None = None,
-                            **unet_kwargs) -> torch.Tensor:
+                            intrablock: Sequence[torch.Tensor] | None = None, **unet_kwargs) -> torch.Tensor:
     """The base UNet's prediction with control residuals added to its skip connections.
 
     diffusers' UNet adds ``mid_block_additional_residual`` to the middle-block output and
     ``down_block_additional_residuals[i]`` to skip tensor i before the decoder concatenates
     it, the same as the original ``h = cat([h, hs.pop() + control.pop()])``.
+    ``intrablock``: T2I-Adapter features, added inside the down blocks (after each block's first
+    layer, diffusers' ``down_intrablock_additional_residuals``; the UNet pops them, so a new list).
     """
+    if intrablock is not None:
+        unet_kwargs["down_intrablock_additional_residuals"] = [f.to(sample.dtype) for f in intrablock]
     if residuals is None:
         return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                     return_dict=False, **unet_kwargs)[0]

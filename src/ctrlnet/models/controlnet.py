@@ -418,6 +418,14 @@ class ControlNet(nn.Module):
             raise ValueError(f"condition gives hint features of size {tuple(hint.shape[-2:])} but latents are "
                              f"{tuple(h.shape[-2:])}: the condition image must be {f}x the latent size")
         h = h + hint.to(h.dtype)
+        return self.encode(h, emb, encoder_hidden_states, attention_mask, cross_attention_kwargs,
+                           conditioning_scale, guess_mode)
+
+    def encode(self, h: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor, attention_mask,
+               cross_attention_kwargs, conditioning_scale: float | Sequence[float] = 1.0,
+               guess_mode: bool = False) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The trunk from conv_in(x) + hint (B, C0, h, w): encoder, middle block, zero convolutions,
+        scales (shared by every ControlNet kind)."""
         features = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from diffusers import T2IAdapter
 from PIL import Image
 
 import torch._inductor.config as inductor_config
@@ -30,13 +31,15 @@ from tqdm.auto import tqdm
 
 from ..annotators import condition_for, get_annotator, require
 from ..base import LockedBase, load_base
-from ..formats import load_controlnet
+from ..formats import kind_name, load_control
+from ..models.adapter import adapter_problems
+from ..models.control_lora import ControlLoRA
 from ..images import RESIZE_MODES, as_rgb, resize_plain, resize_to, round_size
 from ..models.controlnet import ControlNet
 from ..names import NANO, is_nano
 from ..prepack import PackedWeights
 from ..prepack import available as packing_available
-from .sampling import (ActiveControl, Inpainting, RegionBatch, check_control, decode, default_guidance, denoise,
+from .sampling import (ActiveAdapter, ActiveControl, Inpainting, RegionBatch, check_control, decode, default_guidance, denoise,
                        encode_image, initial_noise)
 from .openvino import OpenVINOBackend
 from .ranges import MAX_SIDE, check_args, resolve_seed
@@ -64,6 +67,13 @@ class Control:
     steps where it acts, in [0, 1]. ``mode``: balanced | prompt | control (see ``sampling``).
     ``every``: run the net at every k-th of its steps and reuse its last residuals in between
     (ControlNet reuse; 1 = every step).
+
+    ``model`` may be any kind (``formats.kinds``): a ControlNet, a Union ControlNet, a Control-LoRA
+    (built on this pipeline's base) or a T2I-Adapter (its features computed once; ``scale`` one float,
+    ``mode`` balanced or control). A Union net takes ``type``: the condition type of ``image``
+    (``canny``, ``depth``, an alias such as ``lineart``, or an index), or a list of types with a list
+    of images, one per type (and ``annotator`` one name or one per type): several conditions through
+    one pass of its trunk.
     """
 
     model: Any
@@ -76,10 +86,44 @@ class Control:
     mode: str = "balanced"
     resize_mode: str = "crop_and_resize"
     every: int = 1
+    type: str | int | Sequence[str | int] = ""  # Union ControlNets: the condition type(s)
+
+    @property
+    def types(self) -> list:
+        """The Union condition types, one per image ([] when none given)."""
+        if isinstance(self.type, (list, tuple)):
+            return list(self.type)
+        return [self.type] if self.type != "" else []
+
+    @property
+    def multi(self) -> bool:
+        """Several (image, type) pairs in this one unit (a Union net)."""
+        return isinstance(self.type, (list, tuple))
+
+    def pairs(self) -> list["Control"]:
+        """One single-type Control per (image, type) pair of a multi-type unit."""
+        n = len(self.types)
+        annotators = self.annotator if isinstance(self.annotator, (list, tuple)) else [self.annotator] * n
+        return [dataclasses.replace(self, image=im, type=t, annotator=a)
+                for im, t, a in zip(self.image, self.types, annotators)]
 
     def check(self) -> None:
         """Every rule a control unit obeys, for the CLI, the Python API and the server alike."""
         where = f"control {self.model}"
+        if self.multi:
+            n = len(self.types)
+            if not isinstance(self.image, (list, tuple)) or len(self.image) != n or n == 0:
+                raise ValueError(f"{where}: {n} types need {n} images, one per type (image=[...], type=[...])")
+            if isinstance(self.annotator, (list, tuple)):
+                if len(self.annotator) != n:
+                    raise ValueError(f"{where}: {len(self.annotator)} annotators for {n} types; give one or one per "
+                                     "type")
+                if self.annotator_params:
+                    raise ValueError(f"{where}: annotator parameters with one annotator per type are ambiguous; "
+                                     "run the annotators first and pass their maps")
+            for pair in self.pairs():
+                pair.check()
+            return
         check_control(self.mode, self.start, self.end, where, self.scale, self.every)
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"{where}: resize mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
@@ -94,8 +138,9 @@ class Control:
 
     @property
     def per_prompt(self) -> bool:
-        """One image per prompt (a list) rather than one image for all."""
-        return isinstance(self.image, (list, tuple))
+        """One image per prompt (a list) rather than one image for all (a multi-type unit's list is
+        one image per type)."""
+        return isinstance(self.image, (list, tuple)) and not self.multi
 
 
 @dataclass
@@ -163,8 +208,14 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_compatible(net: ControlNet, base: LockedBase, name: str) -> None:
-    """A clear error when a ControlNet was made for another base architecture."""
+def check_compatible(net: ControlNet | T2IAdapter, base: LockedBase, name: str) -> None:
+    """A clear error when a control network was made for another base architecture."""
+    if isinstance(net, T2IAdapter):
+        problems = adapter_problems(net, dict(base.unet.config))
+        if problems:
+            raise ValueError(f"T2I-Adapter {name} does not fit the base {base.source} ({base.kind}): "
+                             + "; ".join(problems) + ". Use an adapter trained for this base family.")
+        return
     nc, uc = net.config, base.unet.config
     problems = []
     if nc.cross_attention_dim != uc.cross_attention_dim:
@@ -298,8 +349,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ models
 
-    def add_controlnet(self, key: str, net: ControlNet) -> ControlNet:
+    def add_controlnet(self, key: str, net: ControlNet | T2IAdapter) -> ControlNet | T2IAdapter:
+        """Add a control network of any kind (``formats.kinds``) under ``key``."""
         check_compatible(net, self.base, key)
+        if self.openvino is not None and kind_name(net) != "controlnet":
+            raise ValueError(f"{key}: backend openvino runs classic ControlNets; a {kind_name(net)} needs backend "
+                             "torch (or convert a Control-LoRA to a full ControlNet: ctrlnet convert --to diffusers)")
+        if isinstance(net, ControlLoRA) and net.dtype != self.base.unet.dtype:
+            raise ValueError(f"{key}: a Control-LoRA shares the base's weights; load it in the base's dtype "
+                             f"({self.base.unet.dtype}), not {net.dtype}")
         if key in self.controlnets and self.controlnets[key] is not net:
             self.remove_controlnet(key)  # the replaced net's compiled / converted models go with it
         net = net.to(self.base.unet.device, self.dtype).eval().requires_grad_(False)
@@ -343,14 +401,15 @@ class Pipeline:
             self._compiled[id(module)] = torch.compile(module, **self.compile_kwargs)
         return self._compiled[id(module)]
 
-    def controlnet(self, model: Any) -> ControlNet:
-        """A loaded ControlNet for a name, path or net (loaded once, then reused)."""
-        if isinstance(model, ControlNet):
+    def controlnet(self, model: Any) -> ControlNet | T2IAdapter:
+        """A loaded control network of any kind for a name, path or net (loaded once, then reused; a
+        Control-LoRA on this pipeline's base)."""
+        if isinstance(model, (ControlNet, T2IAdapter)):
             key = f"net{id(model)}"
             return self.controlnets.get(key) or self.add_controlnet(key, model)
         key = str(model)
         if key not in self.controlnets:
-            self.add_controlnet(key, load_controlnet(key, dtype=self.dtype))
+            self.add_controlnet(key, load_control(key, unet=self.base.unet, dtype=self.dtype))
         return self.controlnets[key]
 
     @property
@@ -411,7 +470,7 @@ class Pipeline:
         for c in controls:
             if c.per_prompt and len(c.image) != n_prompts:
                 raise ValueError(f"control {c.model}: {len(c.image)} images for {n_prompts} prompts")
-            images = c.image if c.per_prompt else [c.image]
+            images = c.image if c.per_prompt or c.multi else [c.image]  # a multi-type unit: one per type
             decoded.append([as_rgb(im, f"control {c.model} image") if im is not None else None for im in images])
         return decoded
 
@@ -440,24 +499,66 @@ class Pipeline:
 
     def prepare_controls(self, controls: Sequence[Control], decoded: list[list[np.ndarray | None]], width: int,
                          height: int, init: np.ndarray | None, mask: np.ndarray | None, b: int,
-                         num_images: int) -> tuple[list, list[ActiveControl]]:
-        """(condition maps, one (H, W, 3) float array or a list of them per control; the loop's
-        ``ActiveControl``s with their hint features, computed once per generation)."""
-        maps, actives = [], []
+                         num_images: int) -> tuple[list, list[ActiveControl], list[ActiveAdapter]]:
+        """(condition maps: one (H, W, 3) float array or a list of them (per prompt, or per type of a
+        multi-type Union unit) per control; the loop's ``ActiveControl``s with their hint features and
+        ``ActiveAdapter``s with their features, all computed once per generation)."""
+        maps, actives, adapters = [], [], []
         device = self.base.unet.device
+
+        def batch_rows(x: torch.Tensor, per_prompt: bool) -> torch.Tensor:  # (1 or P, ...) -> (B, ...)
+            return x.repeat_interleave(num_images, 0) if per_prompt else x.expand(b, *x.shape[1:])
+
+        def as_tensor(cmaps: list[np.ndarray]) -> torch.Tensor:  # (1 or P, 3, H, W)
+            return torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, self.dtype)
+
         for c, images in zip(controls, decoded):
             net = self.controlnet(c.model)
+            where = f"control {c.model}"
+            kind = kind_name(net)
+            if c.types and kind != "union":
+                raise ValueError(f"{where}: type= applies to Union ControlNets; this is a {kind}")
+            if kind == "t2i_adapter":
+                if not isinstance(c.scale, (int, float)):
+                    raise ValueError(f"{where}: a T2I-Adapter takes one scale, not one per residual")
+                if c.every > 1:
+                    raise ValueError(f"{where}: every= reuses ControlNet residuals; a T2I-Adapter's features are "
+                                     "computed once anyway (leave every at 1)")
+                cmaps = [self.condition_map(c, rgb, width, height, init, mask) for rgb in images]
+                maps.append(cmaps if c.per_prompt else cmaps[0])
+                cond = as_tensor(cmaps)
+                if net.config.in_channels == 1:  # sketch / canny adapters read one channel (ComfyUI: the mean)
+                    cond = cond.mean(dim=1, keepdim=True)
+                with torch.no_grad():
+                    feats = net(cond.to(net.dtype))
+                adapters.append(ActiveAdapter([batch_rows(f * c.scale, c.per_prompt) for f in feats],
+                                              c.start, c.end, c.mode))
+                continue
             try:  # one weight per residual, or one for all: checked before any work
                 net.residual_scales(c.scale)
             except ValueError as e:
-                raise ValueError(f"control {c.model}: {e}") from None
+                raise ValueError(f"{where}: {e}") from None
+            kwargs = {}
+            if kind == "union":
+                if not c.types:
+                    raise ValueError(f"{where}: a Union ControlNet needs type= (one of {', '.join(net.type_names)})")
+                pairs = c.pairs() if c.multi else [c]
+                kwargs["control_types"] = [net.type_index(t, where) for t in c.types]
+                if c.multi:  # one image per type, each its own condition map
+                    cmaps = [self.condition_map(p, rgb, width, height, init, mask) for p, rgb in zip(pairs, images)]
+                    maps.append(cmaps)
+                    hint = torch.stack([net.embed_condition(as_tensor([m])) for m in cmaps], dim=1)  # (1, n, C0, h, w)
+                    actives.append(ActiveControl(self.compiled(net), batch_rows(hint, False), c.scale, c.start, c.end,
+                                                 c.mode, c.every, kwargs))
+                    continue
             cmaps = [self.condition_map(c, rgb, width, height, init, mask) for rgb in images]  # (H, W, 3) float
             maps.append(cmaps if c.per_prompt else cmaps[0])
-            cond_t = torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, self.dtype)  # (1 or P, 3, H, W)
-            hint = net.embed_condition(cond_t)  # (1 or P, C0, h, w)
-            hint = hint.repeat_interleave(num_images, 0) if c.per_prompt else hint.expand(b, -1, -1, -1)  # (B, ...)
-            actives.append(ActiveControl(self.compiled(net), hint, c.scale, c.start, c.end, c.mode, c.every))
-        return maps, actives
+            hint = net.embed_condition(as_tensor(cmaps))  # (1 or P, C0, h, w)
+            if kind == "union":
+                hint = hint[:, None]  # (1 or P, 1, C0, h, w): one pair
+            actives.append(ActiveControl(self.compiled(net), batch_rows(hint, c.per_prompt), c.scale, c.start, c.end,
+                                         c.mode, c.every, kwargs))
+        return maps, actives, adapters
 
     def prepare_timesteps(self, scheduler: str, steps: int, strength: float, img2img: bool):
         """(scheduler, timesteps); img2img skips the first 1 - strength of them."""
@@ -574,13 +675,15 @@ class Pipeline:
         init_rs = resize_to(init, width, height) if init is not None else None
         mask_rs = self.prepare_mask(mask, width, height) if mask is not None else None
         # 4. Conditions and their hint features, once per generation.
-        maps, actives = self.prepare_controls(controls, decoded, width, height, init_rs, mask_rs, b, num_images)
+        maps, actives, adapters = self.prepare_controls(controls, decoded, width, height, init_rs, mask_rs, b,
+                                                        num_images)
         # 5. Timesteps, 6. latents.
         sched, timesteps = self.prepare_timesteps(scheduler, steps, strength, init_rs is not None)
         latents, inpaint = self.prepare_latents(b, width, height, seed, sched, timesteps, init_rs, mask_rs, strength)
         # 7. Denoising loop.
         latents = self.run_loop(latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
-                                torch.Generator().manual_seed(seed), inpaint, region_batch, progress, callback, stop)
+                                torch.Generator().manual_seed(seed), inpaint, region_batch, progress, callback, stop,
+                                adapters)
         # 8. Decode, with the parameters of each image.
         seeds = [seed + i for i in range(b)]
         params = [self.parameters_text(p, negative_prompt, steps, scheduler, guidance, guidance_rescale,
@@ -601,7 +704,7 @@ class Pipeline:
         return decode(dataclasses.replace(self.base, vae=vae), latents)
 
     def run_loop(self, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added, generator,
-                 inpaint, region_batch, progress: bool, callback, stop=None) -> torch.Tensor:
+                 inpaint, region_batch, progress: bool, callback, stop=None, adapters=()) -> torch.Tensor:
         """``sampling.denoise`` with what this Pipeline adds around it: compiled modules, inductor's
         freezing while they trace, packed weights, the progress bar and the callback."""
         bar = tqdm(total=len(timesteps), desc="sampling", unit="step") if progress else None
@@ -616,10 +719,18 @@ class Pipeline:
         freezing = inductor_config.patch(self.inductor_config) if self.inductor_config else contextlib.nullcontext()
         # packed weights in the loop only: the text encoder and the VAE run once per call, where a
         # packed copy would cost memory and save nothing
-        with self.packed.active() if self.packed is not None else contextlib.nullcontext(), freezing:
+        # a Control-LoRA's merged weights (base + up @ down) exist during the loop only
+        loras = {id(n): n for n in self.controlnets.values() if isinstance(n, ControlLoRA)}
+        used = [loras[id(getattr(a.net, "_orig_mod", a.net))] for a in actives
+                if id(getattr(a.net, "_orig_mod", a.net)) in loras]
+        with contextlib.ExitStack() as stack:
+            for net in {id(n): n for n in used}.values():
+                stack.enter_context(net.merged())
+            stack.enter_context(self.packed.active() if self.packed is not None else contextlib.nullcontext())
+            stack.enter_context(freezing)
             latents = denoise(loop_base, latents, text, sched, timesteps, guidance, guidance_rescale, actives, added,
                               generator=generator, inpaint=inpaint, callback=on_step, regions=region_batch,
-                              cuda_graphs=cuda_graphs, stop=stop)
+                              cuda_graphs=cuda_graphs, stop=stop, adapters=adapters)
         if bar is not None:
             bar.close()
         return latents
@@ -636,10 +747,13 @@ class Pipeline:
         mode_names = {"balanced": "Balanced", "prompt": "My prompt is more important",
                       "control": "ControlNet is more important"}
         for i, c in enumerate(controls):
-            model = c.model if not isinstance(c.model, ControlNet) else "custom"
-            unit = (f"Module: {c.annotator or 'none'}, Model: {model}, Weight: {c.scale}, Resize Mode: "
+            model = c.model if not isinstance(c.model, (ControlNet, T2IAdapter)) else "custom"
+            module = "+".join(a or "none" for a in c.annotator) if isinstance(c.annotator, (list, tuple)) else \
+                (c.annotator or "none")
+            unit = (f"Module: {module}, Model: {model}, Weight: {c.scale}, Resize Mode: "
                     f"{c.resize_mode}, Guidance Start: {c.start}, Guidance End: {c.end}, Control Mode: "
-                    f"{mode_names[c.mode]}" + (f", Every: {c.every}" if c.every > 1 else ""))
+                    f"{mode_names[c.mode]}" + (f", Every: {c.every}" if c.every > 1 else "")
+                    + (f", Type: {'+'.join(str(t) for t in c.types)}" if c.types else ""))
             items.append((f"ControlNet {i}", f'"{unit}"'))
         for i, rp in enumerate(region_prompts):
             items.append((f"Region {i}", f'"{rp}"'))

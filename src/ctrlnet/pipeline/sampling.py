@@ -24,7 +24,7 @@ balanced``, ``cfg_injection = mode == control``):
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -83,6 +83,7 @@ class ActiveControl:
     end: float = 1.0
     mode: str = "balanced"
     every: int = 1  # run at every k-th active step, reuse the last residuals in between
+    kwargs: dict = field(default_factory=dict)  # more for the net's forward (a Union net: its pairs' types)
 
     def __post_init__(self):
         check_control(self.mode, self.start, self.end, scale=self.scale, every=self.every)
@@ -139,19 +140,65 @@ def control_residuals(controls: Sequence[ActiveControl], i: int, n: int, model_i
         if uncond_rows and c.mode == "control":  # conditional rows only; zeros for the unconditional block
             u = uncond_rows
             cond_added = {key: v[u:] for key, v in added.items()} if added else None
-            down, mid = net(model_in[u:].to(net.dtype), t, text[u:].to(net.dtype), hint=c.hint.repeat(k - 1, 1, 1, 1),
-                            conditioning_scale=c.scale, guess_mode=soft, added_cond_kwargs=cond_added)
+            down, mid = net(model_in[u:].to(net.dtype), t, text[u:].to(net.dtype), hint=repeat_rows(c.hint, k - 1),
+                            conditioning_scale=c.scale, guess_mode=soft, added_cond_kwargs=cond_added, **c.kwargs)
             down = tuple(torch.cat([d.new_zeros((u, *d.shape[1:])), d]) for d in down)  # (k*B, C, h, w)
             mid = torch.cat([mid.new_zeros((u, *mid.shape[1:])), mid])
         else:
-            hint = c.hint.repeat(k, 1, 1, 1) if k > 1 else c.hint  # (k*B, C0, h, w)
+            hint = repeat_rows(c.hint, k)  # (k*B, C0, h, w)
             down, mid = net(model_in.to(net.dtype), t, text.to(net.dtype), hint=hint, conditioning_scale=c.scale,
-                            guess_mode=soft, added_cond_kwargs=added)
+                            guess_mode=soft, added_cond_kwargs=added, **c.kwargs)
         if c.every > 1 and reuse is not None:
             kept = (tuple(d.clone() for d in down), mid.clone()) if keep_copies else (down, mid)
             reuse[j] = (reuse[j][0], kept)
         out.append((down, mid))
     return sum_residuals(out)
+
+
+def repeat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, ...) -> (k*B, ...): k blocks of the same B rows."""
+    return x.repeat(k, *[1] * (x.ndim - 1)) if k > 1 else x
+
+
+@dataclass
+class ActiveAdapter:
+    """One T2I-Adapter ready for the loop: its features, computed once per generation and already
+    multiplied by its scale, added inside the UNet's down blocks (``down_intrablock_additional_residuals``)
+    at the steps of its window."""
+
+    features: list[torch.Tensor]  # per adapter level (B, C_l, h_l, w_l), B = the latents' batch
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"  # balanced: both CFG halves; control: the conditional half only
+
+    def __post_init__(self):
+        check_control(self.mode, self.start, self.end)
+        if self.mode == "prompt":
+            raise ValueError("a T2I-Adapter has no per-residual soft scales: use mode balanced or control")
+
+    def active(self, i: int, n: int) -> bool:
+        return i / n >= self.start and (i + 1) / n <= self.end
+
+
+def adapter_features(adapters: Sequence[ActiveAdapter], i: int, n: int, rows: int,
+                     uncond_rows: int) -> list[torch.Tensor] | None:
+    """Summed features of the adapters active at step i of n for a batch of ``rows`` = k * B rows
+    (the unconditional block first when ``uncond_rows`` = B; ``control`` mode leaves it at zero)."""
+    total = None
+    for a in adapters:
+        if not a.active(i, n):
+            continue
+        k = rows // a.features[0].shape[0]
+        feats = [repeat_rows(f, k) for f in a.features]
+        if uncond_rows and a.mode == "control":
+            feats = [torch.cat([f.new_zeros((uncond_rows, *f.shape[1:])), f[uncond_rows:]]) for f in feats]
+        if total is None:
+            total = feats
+        elif len(total) != len(feats):
+            raise ValueError(f"cannot sum T2I-Adapters with {len(total)} and {len(feats)} feature levels")
+        else:
+            total = [x + y for x, y in zip(total, feats)]
+    return total
 
 
 def compose_regions(pred_cond: torch.Tensor, pred_regions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -169,11 +216,12 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
             added: dict | None = None, generator: torch.Generator | None = None,
             inpaint: Inpainting | None = None, callback: Callable[[int], None] | None = None,
             regions: RegionBatch | None = None, cuda_graphs: bool = False,
-            stop: Callable[[], bool] | None = None) -> torch.Tensor:
+            stop: Callable[[], bool] | None = None, adapters: Sequence[ActiveAdapter] = ()) -> torch.Tensor:
     """Run the sampler over ``timesteps`` from ``latents`` (B, C, h, w) float32; returns the final latents
     (those after step i when ``stop()`` is true after step i: an interrupted generation).
 
     ``text`` is (2B, T, D) [uncond; cond] when ``guidance > 1``, else (B, T, D).
+    ``adapters``: T2I-Adapters (``ActiveAdapter``) beside the ControlNets of ``controls``.
     ``inpaint``: see ``Inpainting``. ``regions``: see ``RegionBatch`` (composed by ``compose_regions``).
     ``cuda_graphs``: the models are compiled with CUDA graphs (``torch.compile(mode="reduce-overhead")``),
     whose outputs live in buffers the next replay overwrites: each step is marked as a new
@@ -203,8 +251,9 @@ def denoise(base: LockedBase, latents: torch.Tensor, text: torch.Tensor, schedul
         else:
             unet_in = model_in
         residuals = control_residuals(controls, i, n, model_in, t, text, added, b if cfg else 0, reuse, cuda_graphs)
+        intrablock = adapter_features(adapters, i, n, model_in.shape[0], b if cfg else 0) if adapters else None
         pred = controlled_unet_forward(unet, unet_in.to(unet.dtype), t, text.to(unet.dtype), residuals,
-                                       added_cond_kwargs=added).float()
+                                       added_cond_kwargs=added, intrablock=intrablock).float()
         if cuda_graphs:
             pred = pred.clone()  # samplers such as PNDM keep past predictions
         if regions:  # the conditional block becomes the composition of the main and the region prompts
