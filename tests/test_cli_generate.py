@@ -178,3 +178,52 @@ def test_a_sideways_jpeg_gives_an_upright_image_and_condition(tmp_path, maps):
     condition = grid[:, :128]
     assert np.abs(condition - np.rot90(stored, -1)).max() <= 1  # float round trip
     assert np.abs(condition - upright).mean() < 8  # the JPEG's loss only: the right way up
+
+
+# ---------------------------------------------------------------------- every kind of control network
+
+def test_union_pairs_parse_and_repeated_keys_are_named():
+    c = parse_control("model=u,image=a.png,type=canny,image=b.png,type=depth,scale=0.8")
+    assert c.type == ["canny", "depth"] and c.image == ["a.png", "b.png"] and c.multi and not c.per_prompt
+    c = parse_control("model=u,image=a.png,type=canny,annotator=canny,image=b.png,type=depth,annotator=depth_midas")
+    assert c.annotator == ["canny", "depth_midas"]
+    assert parse_control("model=u,image=a.png,type=3").type == "3"
+    for spec, message in [("model=u,scale=1,scale=2", "scale= given twice"),
+                          ("model=u,image=a.png,image=b.png", "repeats without several type=")]:
+        with pytest.raises(ValueError, match=message):
+            parse_control(spec)
+
+
+def test_control_lora_and_adapter_on_the_command_line(tmp_path, maps, capsys):
+    """A Control-LoRA and a T2I-Adapter for the nano base: inspect names the kind, convert needs the base for
+    a Control-LoRA, and generate takes both in --control units beside a bundled ControlNet."""
+    from ctrlnet.base import load_base
+    from ctrlnet.formats import load_control
+    from ctrlnet.formats.adapter_io import save_adapter
+    from ctrlnet.formats.control_lora_io import save_control_lora
+    from ctrlnet.models.adapter import adapter_for_unet
+    from ctrlnet.models.control_lora import ControlLoRA
+    import json
+    unet = load_base("nano").unet
+    lora = ControlLoRA.from_unet(unet, rank=4)
+    with torch.no_grad():
+        lora.controlnet_mid_block.weight.normal_(0, 0.1)
+    path = save_control_lora(lora, tmp_path / "cl.safetensors")
+    adapter = save_adapter(adapter_for_unet(dict(unet.config), num_res_blocks=1), tmp_path / "adapter")
+    assert main(["inspect", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "control_lora" and info["rank"] == 4
+    assert main(["inspect", str(adapter)]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "t2i_adapter"
+    assert main(["convert", str(path), "--to", "diffusers", "--out", str(tmp_path / "full")]) == 2
+    assert "give its base with --base" in error_line(capsys)
+    assert main(["convert", str(path), "--to", "diffusers", "--out", str(tmp_path / "full"), "--base", "nano"]) == 0
+    assert type(load_control(tmp_path / "full")).__name__ == "ControlNet"
+    edges = tmp_path / "edges.png"
+    Image.fromarray(maps["canny"]).save(edges)
+    out = tmp_path / "mixed.png"
+    assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--out", str(out),
+                 "--control", f"model={path},image={edges}", "--control", f"model={adapter},image={edges},scale=0.5",
+                 "--control", f"model=nano-canny,image={edges}"]) == 0
+    params = Image.open(out).text["parameters"]
+    assert "cl.safetensors" in params and "Model: " + str(adapter) in params

@@ -21,7 +21,8 @@ from .allocator import retain_freed_memory
 from .annotators import ALIASES, ANNOTATORS, describe
 from .annotators.batch import annotate
 from .eval.report import evaluate
-from .formats import CheckpointError, inspect_checkpoint, load_controlnet, save_controlnet
+from .base import load_base
+from .formats import CONVERSIONS, CheckpointError, convert_control, inspect_control, kind_of
 from .images import save_png
 from .names import controlnet_path
 from .pipeline import Control, Pipeline, Region
@@ -35,16 +36,22 @@ from .training.config import resolve_config_path
 
 
 def cmd_convert(args) -> None:
-    net = load_controlnet(args.src)
     out = Path(args.out)
     if args.to == "original" and out.suffix not in (".safetensors", ".pth"):
         raise SystemExit(f"ctrlnet convert: --out {out} must end in .safetensors or .pth for --to original")
-    save_controlnet(net, out, format=args.to, half=args.half)
-    print(f"wrote {out} ({args.to}{', fp16' if args.half else ''})")
+    kind = kind_of(args.src)
+    unet = None
+    if kind == "control_lora":
+        if not args.base:
+            raise ValueError(f"{args.src} is a Control-LoRA (deltas on a base's weights): give its base with --base "
+                             "(nano, a diffusers folder or a single file)")
+        unet = load_base(args.base, tokenizer=args.tokenizer).unet
+    kind, written = convert_control(args.src, out, args.to, half=args.half, unet=unet)
+    print(f"wrote {written} ({kind} -> {args.to}{', fp16' if args.half else ''})")
 
 
 def cmd_inspect(args) -> None:
-    print(json.dumps(inspect_checkpoint(args.path), indent=2))
+    print(json.dumps(inspect_control(args.path), indent=2))
 
 
 def cmd_data_shapes(args) -> None:
@@ -59,7 +66,8 @@ def cmd_train(args) -> None:
         print(f"trained ControlNet: {out}")
 
 
-CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize", "every"}
+CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize", "every", "type"}
+PAIRED_KEYS = ("image", "type", "annotator")  # repeated in one unit: a Union net's (image, type) pairs
 CONTROL_SYNTAX = ("KEY=VALUE pairs separated by commas; a value holding commas goes in double or single quotes "
                   """(--control 'model=nano-canny,image="a,b.png"')""")
 
@@ -101,23 +109,36 @@ def parse_control(spec: str, keys: set[str] = CONTROL_KEYS, aliases: dict[str, s
     ``aliases``: other key names for a field (eval's ``condition=COLUMN`` is its image)."""
     aliases = aliases or {}
     keys = keys | set(aliases)
-    fields, params = {}, {}
+    fields, params, paired = {}, {}, {}
     for key, value in split_control(spec):
         if key.startswith("annotator."):
             params.update(parse_params([f"{key.split('.', 1)[1]}={value}"]))
         elif key in keys:
-            fields[aliases.get(key, key)] = value
+            name = aliases.get(key, key)
+            if name in fields and name not in PAIRED_KEYS:
+                raise ValueError(f"--control {spec!r}: {key}= given twice (only image=, type= and annotator= repeat: "
+                                 "a Union net's pairs)")
+            paired.setdefault(name, []).append(value)
+            fields[name] = value
         else:
             raise ValueError(f"--control {spec!r}: unknown key {key!r}; use {', '.join(sorted(keys))}")
     if "model" not in fields:
         raise ValueError(f"--control {spec!r}: model=NAME_OR_PATH is required")
+    if len(paired.get("type", [])) > 1:  # several (image, type) pairs: lists, checked pairwise by Control.check
+        fields["type"] = paired["type"]
+        fields["image"] = paired.get("image", [])
+        if len(paired.get("annotator", [])) > 1:
+            fields["annotator"] = paired["annotator"]
+    elif any(len(paired.get(k, [])) > 1 for k in PAIRED_KEYS):
+        raise ValueError(f"--control {spec!r}: image= or annotator= repeats without several type= (repeat them "
+                         "together for a Union net: image=a.png,type=canny,image=b.png,type=depth)")
     try:
         scale = [float(x) for x in fields.get("scale", "1").split("/")]
         return Control(model=fields["model"], image=fields.get("image"), annotator=fields.get("annotator", ""),
                        annotator_params=params, scale=scale[0] if len(scale) == 1 else scale,
                        start=float(fields.get("start", 0)), end=float(fields.get("end", 1)),
                        mode=fields.get("mode", "balanced"), resize_mode=fields.get("resize", "crop_and_resize"),
-                       every=whole_number(fields.get("every", "1"), "every"))
+                       every=whole_number(fields.get("every", "1"), "every"), type=fields.get("type", ""))
     except ValueError as e:
         raise ValueError(f"--control {spec!r}: {e}") from None
 
@@ -346,15 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ctrlnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a ControlNet between formats (any input format is detected)")
-    p.add_argument("src", help="diffusers folder, or original .pth/.safetensors file")
-    p.add_argument("--to", required=True, choices=["diffusers", "original"])
-    p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors/.pth file (original)")
+    p = sub.add_parser("convert", help="convert a ControlNet, Union ControlNet, Control-LoRA or T2I-Adapter between "
+                       "its layouts (kind and input layout are detected)")
+    p.add_argument("src", help="a folder or file of any kind and layout (ctrlnet inspect names them)")
+    p.add_argument("--to", required=True, choices=sorted({t for ts in CONVERSIONS.values() for t in ts}),
+                   help="; ".join(f"{k}: {' | '.join(v)}" for k, v in CONVERSIONS.items()) + " (a Control-LoRA to "
+                        "diffusers/single/original: a full ControlNet, its deltas merged into --base's weights)")
+    p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors/.pth file")
+    p.add_argument("--base", default=None, help="a Control-LoRA's base (nano, a diffusers folder or a single file)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help=TOKENIZER_HELP)
     p.add_argument("--half", action="store_true", help="write fp16 weights")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("inspect", help="print what a ControlNet checkpoint holds, as JSON")
-    p.add_argument("path", help="a ControlNet file or folder, a bundled name (nano-canny) or a training checkpoint")
+    p = sub.add_parser("inspect", help="print what a control network file holds (its kind first), as JSON")
+    p.add_argument("path", help="a ControlNet / Union / Control-LoRA / T2I-Adapter file or folder, a bundled name "
+                                "(nano-canny) or a training checkpoint")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="train a ControlNet on a locked base (single process, or under accelerate launch)")
@@ -371,10 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, metavar="DIR", help=TOKENIZER_HELP)
     p.add_argument("--control", action="append", default=[], metavar="model=M,image=P[,annotator=A][,scale=S]"
                    "[,start=A][,end=B][,mode=balanced|prompt|control][,resize=crop_and_resize|just_resize|"
-                   "resize_and_fill][,every=K]", help="a control unit (repeatable: several ControlNets, residuals "
-                   f"summed): {CONTROL_SYNTAX}; scale {RANGES['scale'].describe()} (or one per residual, separated "
+                   "resize_and_fill][,every=K][,type=T]", help="a control unit (repeatable: several nets, residuals "
+                   f"summed): {CONTROL_SYNTAX}; M is any kind: a ControlNet, Union ControlNet, Control-LoRA (on "
+                   f"--base) or T2I-Adapter; scale {RANGES['scale'].describe()} (or one per residual, separated "
                    "by /), start/end fractions of the steps in [0, 1]; every=K runs the net at every K-th step and "
-                   "reuses its residuals in between")
+                   "reuses its residuals in between; type=T a Union net's condition type (canny, depth, openpose, "
+                   "...); repeat image=,type= for several pairs in one Union unit")
     p.add_argument("--steps", type=in_range("steps"), default=20, help=RANGES["steps"].describe())
     p.add_argument("--guidance", type=in_range("guidance"), default=None,
                    help=f"CFG scale, {RANGES['guidance'].describe()}; <= 1 turns CFG off (default: 2.5 for zero-SNR "

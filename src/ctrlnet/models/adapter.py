@@ -29,12 +29,19 @@ def adapter_channels(unet_config: dict[str, Any], adapter_type: str) -> list[int
     return ch
 
 
+def xl_layout(unet_config: dict[str, Any]) -> bool:
+    """Whether a UNet takes the XL adapter's features: its first down block has no attention (SDXL, nano), so
+    feature 0 is added to that block's output after its downsampler, at half the latent size; SD1.x/2.x
+    (attention from the first block) take feature 0 at the latent size."""
+    return unet_config["down_block_types"][0] == "DownBlock2D" and len(unet_config["down_block_types"]) > 1
+
+
 def adapter_for_unet(unet_config: dict[str, Any], adapter_type: str | None = None, in_channels: int = 3,
                      num_res_blocks: int = 2) -> T2IAdapter:
-    """A new (randomly initialised) T2I-Adapter wired for a base UNet: ``full_adapter_xl`` for an SDXL
-    UNet (added text/time embeddings), ``full_adapter`` otherwise, unless ``adapter_type`` says."""
+    """A new (randomly initialised) T2I-Adapter wired for a base UNet: ``full_adapter_xl`` for an SDXL-like
+    UNet (``xl_layout``), ``full_adapter`` otherwise, unless ``adapter_type`` says."""
     if adapter_type is None:
-        adapter_type = "full_adapter_xl" if unet_config.get("addition_embed_type") == "text_time" else "full_adapter"
+        adapter_type = "full_adapter_xl" if xl_layout(unet_config) else "full_adapter"
     if adapter_type not in ADAPTER_TYPES:
         raise ValueError(f"adapter_type {adapter_type!r}: use one of {', '.join(ADAPTER_TYPES)}")
     return T2IAdapter(in_channels=in_channels, channels=adapter_channels(unet_config, adapter_type),
@@ -49,8 +56,8 @@ def adapter_problems(adapter: T2IAdapter, unet_config: dict[str, Any]) -> list[s
     have = list(adapter.config.channels)
     if have[:2] != want[:2]:
         problems.append(f"adapter channels {have} vs the base's {want}")
-    xl_base = unet_config.get("addition_embed_type") == "text_time"
+    xl_base = xl_layout(unet_config)
     if xl_base != (adapter.config.adapter_type == "full_adapter_xl"):
-        problems.append(f"a {adapter.config.adapter_type} for an {'SDXL' if xl_base else 'SD1.x/2.x'} base "
-                        f"(SDXL takes full_adapter_xl)")
+        problems.append(f"a {adapter.config.adapter_type} for an {'SDXL-like' if xl_base else 'SD1.x/2.x-like'} "
+                        "base (a base whose first down block has no attention, as SDXL, takes full_adapter_xl)")
     return problems
