@@ -8,11 +8,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers import T2IAdapter
 
 from ..base import LockedBase
 from ..models.controlnet import ControlNet
 from .ranges import check_args, check_seed
-from .sampling import ActiveControl, decode, default_guidance, denoise, initial_noise
+from .sampling import ActiveAdapter, ActiveControl, decode, default_guidance, denoise, initial_noise
 from .text import guidance_text
 
 
@@ -23,7 +24,7 @@ def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidanc
                   conditions: Sequence[torch.Tensor] = (), scales: Sequence[float] | None = None) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for ``prompts``; sample b's noise depends on (seed, b) only.
 
-    ``controlnets[i]`` is driven by ``conditions[i]`` ((B, 3, H, W) in [0, 1]) at ``scales[i]``;
+    ``controlnets[i]`` (a ControlNet of any kind, or a T2I-Adapter) is driven by ``conditions[i]`` ((B, 3, H, W) in [0, 1]) at ``scales[i]``;
     each net's hint features are computed once, not per step. ``guidance``/``guidance_rescale``
     default to the base's own (``sampling.default_guidance``). Numbers are checked against
     ``ranges.RANGES`` as ``Pipeline``'s are; ``seed`` must be given (no -1: nothing here would
@@ -46,13 +47,18 @@ def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidanc
     # 1. Prompts: [uncond; cond] batched together for CFG.
     text, added = guidance_text(base, prompts, negative_prompt, guidance > 1, height, width)  # (2B or B, T, D)
     # 2. Control: hint features once per generation.
-    controls = [ActiveControl(net, net.embed_condition(c.to(net.device)), s)
-                for net, c, s in zip(controlnets, conditions, scales)]
+    controls, adapters = [], []
+    for net, c, s in zip(controlnets, conditions, scales):
+        if isinstance(net, T2IAdapter):  # features once per generation, beside the ControlNets' residuals
+            c = c.mean(dim=1, keepdim=True) if net.config.in_channels == 1 else c
+            adapters.append(ActiveAdapter([f * s for f in net(c.to(net.device, net.dtype))]))
+        else:
+            controls.append(ActiveControl(net, net.embed_condition(c.to(net.device)), s))
     # 3. Initial noise.
     latents = initial_noise((unet.config.in_channels, height // factor, width // factor), b, seed).to(unet.device)
     scheduler.set_timesteps(steps)
     latents = latents * scheduler.init_noise_sigma
     # 4. Denoising loop, 5. decode.
     latents = denoise(base, latents, text, scheduler, scheduler.timesteps, guidance, guidance_rescale, controls,
-                      added)
+                      added, adapters=adapters)
     return decode(base, latents).numpy()

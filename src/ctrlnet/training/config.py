@@ -60,7 +60,12 @@ class TrainConfig:
     center_crop: bool = True
     random_flip: bool = False
     skip_bad: bool = False  # unreadable/missing images: False = stop naming the file; True = skip and count
-    # --- the ControlNet
+    # --- the network: controlnet (the seed's full copy) | control_lora (low-rank deltas on the base's
+    # encoder, lora_rank) | t2i_adapter (adapter_type: "" = by the base, adapter_res_blocks)
+    network: str = "controlnet"
+    lora_rank: int = 128
+    adapter_type: str = ""
+    adapter_res_blocks: int = 2
     controlnet: str = ""  # "" = initialise from the base UNet's encoder (the seed); or a checkpoint to continue
     conditioning_channels: int = 3
     hint_channels: list = field(default_factory=lambda: [16, 32, 96, 256])
@@ -129,11 +134,13 @@ class TrainConfig:
             if not getattr(self, name).strip():
                 _bad(name, "a non-empty string", getattr(self, name))
         for name, choices in (("mixed_precision", ("no", "bf16", "fp16")), ("lr_scheduler", ("constant", "cosine")),
-                              ("timestep_sampling", ("uniform", "cubic"))):
+                              ("timestep_sampling", ("uniform", "cubic")),
+                              ("network", ("controlnet", "control_lora", "t2i_adapter")),
+                              ("adapter_type", ("", "full_adapter", "full_adapter_xl", "light_adapter"))):
             if getattr(self, name) not in choices:
                 _bad(name, " or ".join(choices), getattr(self, name))
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
-                     "conditioning_channels", "checkpointing_steps", "checkpoints_total_limit", "log_every",
+                     "conditioning_channels", "lora_rank", "adapter_res_blocks", "checkpointing_steps", "checkpoints_total_limit", "log_every",
                      "validation_steps", "num_validation_samples", "validation_inference_steps"):
             if getattr(self, name) < 1:
                 _bad(name, ">= 1", getattr(self, name))
@@ -280,6 +287,10 @@ FIXED_ON_RESUME = {
     "base": "the ControlNet was trained against this base",
     "controlnet": "it only sets a new run's starting weights; a resumed run's come from the checkpoint",
     "conditioning_channels": "it is the architecture of the checkpoint's ControlNet",
+    "network": "it is the kind of network the checkpoint holds",
+    "lora_rank": "it is the architecture of the checkpoint's Control-LoRA",
+    "adapter_type": "it is the architecture of the checkpoint's T2I-Adapter",
+    "adapter_res_blocks": "it is the architecture of the checkpoint's T2I-Adapter",
     "hint_channels": "it is the architecture of the checkpoint's ControlNet",
     "data": "the samples of step s are positions in a permutation of these records",
     "max_train_samples": "the samples of step s are positions in a permutation of these records",

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
@@ -43,15 +42,15 @@ from ..base import load_base
 from ..formats.checkpoint import (MANIFEST, flat, latest_checkpoint, load_optimizer, newest_good_checkpoint,
                                   optimizer_tensors, read_checkpoint, rng_state, set_aside, set_rng_state, unflat,
                                   verify_checkpoint, write_checkpoint)
-from ..formats.controlnet_io import load_controlnet, save_controlnet
 from ..formats.safe_load import CheckpointError
 from ..models.control import controlled_unet_forward, lock
-from ..models.controlnet import ControlNet
 from ..pipeline.text import encode_text, sdxl_time_ids
 from .cache import open_or_build_cache
 from .config import ConfigError, TrainConfig, TrainingError, resume_changes, save_config
 from .data import ControlDataset, DataError, condition_to_tensor, image_to_tensor, read_records
 from .monitor import Monitor
+from .networks import (FINAL_NAMES, build_network, control_signal, ema_copy, network_config, save_final, tied, to_training,
+                       trainable_parameters, trainable_state)
 
 
 def generator(seed: int, kind: str, n: int) -> torch.Generator:
@@ -111,24 +110,21 @@ class Trainer:
         if c.gradient_checkpointing and hasattr(base.unet, "enable_gradient_checkpointing"):
             base.unet.enable_gradient_checkpointing()  # activations of the locked UNet are needed for the residuals' grads
 
-        # The ControlNet: a copy of the base encoder (the seed), or a checkpoint to continue from.
-        if c.controlnet:
-            net = load_controlnet(c.controlnet, dtype=torch.float32)
-        else:
-            net = ControlNet.from_unet(base.unet, conditioning_channels=c.conditioning_channels,
-                                       conditioning_embedding_out_channels=tuple(c.hint_channels))
-        net = net.to(self.acc.device, torch.float32).train()
-        if c.gradient_checkpointing:
+        # The network (``network``): a copy of the base encoder (the seed), a Control-LoRA on it, or a
+        # T2I-Adapter; new, or a checkpoint to continue from (``networks``).
+        net = to_training(build_network(c, base.unet), self.acc.device)
+        if c.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
             net.enable_gradient_checkpointing()
         fused = self.acc.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(net.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                           weight_decay=c.adam_weight_decay, eps=c.adam_epsilon, fused=fused)
+        self.optimizer = torch.optim.AdamW(trainable_parameters(net), lr=c.learning_rate,
+                                           betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.adam_weight_decay,
+                                           eps=c.adam_epsilon, fused=fused)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(c))
         self.net_raw = net
         # EMA weights: a frozen copy updated after every optimizer step (identical on every rank).
         self.ema = None
         if c.ema_decay:
-            self.ema = copy.deepcopy(net).requires_grad_(False).eval()
+            self.ema = ema_copy(net)
 
         # Data.
         records = read_records(c.data, c.image_column, c.conditioning_image_column, c.caption_column,
@@ -278,11 +274,11 @@ class Trainer:
             target = latents
         added = batch.get("added")
         with self.acc.autocast():
-            down, mid = self.net(noisy, t, batch["hidden"], condition=batch["condition"], added_cond_kwargs=added)
+            residuals, features = control_signal(self.net, noisy, t, batch["hidden"], batch["condition"], added)
             wd = self.weight_dtype
             added_wd = {k: v.to(wd) for k, v in added.items()} if added else None
-            pred = controlled_unet_forward(self.base.unet, noisy.to(wd), t, batch["hidden"].to(wd), (down, mid),
-                                           added_cond_kwargs=added_wd)
+            pred = controlled_unet_forward(self.base.unet, noisy.to(wd), t, batch["hidden"].to(wd), residuals,
+                                           added_cond_kwargs=added_wd, intrablock=features)
         if not self.config.snr_gamma:
             return F.mse_loss(pred.float(), target.float())
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
@@ -312,9 +308,9 @@ class Trainer:
         net = self.acc.unwrap_model(self.net)
         opt_t, opt_s = optimizer_tensors(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                          else self.optimizer, "optimizer")
-        tensors = {**flat("controlnet", net.state_dict()), **opt_t}
+        tensors = {**flat("controlnet", trainable_state(net)), **opt_t}
         if self.ema is not None:
-            tensors.update(flat("ema", self.ema.state_dict()))
+            tensors.update(flat("ema", trainable_state(self.ema)))
         # Only finite state is written, so the last checkpoint on disk is always one to resume from.
         # Every process checks (their tensors are identical) and all stop together, none left
         # waiting at the barrier below.
@@ -327,7 +323,8 @@ class Trainer:
         path = None
         if self.acc.is_main_process:
             state = {"step": self.step, "elapsed": self.elapsed(), "optimizer": opt_s, "lr_scheduler": self.lr_scheduler.state_dict(),
-                     "rng": rng_state(), "config": c.to_dict(), "controlnet_config": net.config.to_dict(),
+                     "rng": rng_state(), "config": c.to_dict(), "controlnet_config": network_config(net),
+                     "network": c.network,
                      "skipped_bad": self.skipped, "bad_samples": sorted(self.bad)}
             path = write_checkpoint(self.ckpt_root, self.step, tensors, state, keep=c.checkpoints_total_limit)
         self.acc.wait_for_everyone()
@@ -377,15 +374,16 @@ class Trainer:
         tensors, state = read_checkpoint(path, verify=verify)
         net = self.net_raw
         missing = net.load_state_dict(unflat("controlnet", tensors), strict=False)
-        if missing.missing_keys or missing.unexpected_keys:
-            raise TrainingError(f"resume: {path} does not match this config's ControlNet "
-                                f"(missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]})")
+        absent = [k for k in missing.missing_keys if k not in tied(net)]  # the base's own are not in a checkpoint
+        if absent or missing.unexpected_keys:
+            raise TrainingError(f"resume: {path} does not match this config's {self.config.network} "
+                                f"(missing {absent[:3]}, unexpected {missing.unexpected_keys[:3]})")
         if self.ema is not None:
             ema = unflat("ema", tensors)
             if not ema:
                 raise TrainingError(f"resume: {path} has no EMA weights but this config sets ema_decay; "
                                     "resume with --set ema_decay=0 or start a new run")
-            self.ema.load_state_dict(ema)
+            self.ema.load_state_dict(ema, strict=not tied(self.ema))
         load_optimizer(self.optimizer, "optimizer", tensors, state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.apply_optimizer_config()
@@ -482,41 +480,38 @@ class Trainer:
         if self.ema is None:
             return
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        ema = [p for p in self.ema.parameters()]
-        live = [p for p in self.net_raw.parameters()]  # the module DDP wraps: the same tensors
+        ema = trainable_parameters(self.ema)
+        live = trainable_parameters(self.net_raw)  # the module DDP wraps: the same tensors
         torch._foreach_lerp_(ema, live, 1 - decay)  # ema += (1 - decay) * (live - ema)
 
-    def output_net(self) -> ControlNet:
+    def output_net(self) -> torch.nn.Module:
         """The weights validation and the final folder use: the EMA copy when there is one."""
         return self.ema if self.ema is not None else self.net_raw
 
     def weights_digest(self) -> str:
         """A hash of this process's ControlNet weights (all ranks must agree)."""
         h = hashlib.blake2b(digest_size=16)
-        for k, v in sorted(self.output_net().state_dict().items()):
+        for k, v in sorted(trainable_state(self.output_net()).items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def finish(self) -> Path:
-        final = self.out / "controlnet"
+        final = self.out / "controlnet"  # the final network's path (its name depends on the kind)
         digests = gather_object([self.weights_digest()])  # one per process, in rank order
         if self.acc.is_main_process:
             if len(set(digests)) != 1:
                 raise TrainingError(f"processes ended with different ControlNet weights ({digests}); "
                                     "this is a bug - please report it with your launch command")
-            net = self.output_net()
-            try:
-                save_controlnet(net, final, format="diffusers")
-            except CheckpointError:  # e.g. a pixel-space hint encoder: only ctrlnet's own format expresses it
-                save_controlnet(net, final, format="ctrlnet")
-            (final / "training.json").write_text(json.dumps(
+            final = save_final(self.output_net(), self.out)
+            info = final / "training.json" if final.is_dir() else final.with_name(final.name + ".training.json")
+            info.write_text(json.dumps(
                 {"steps": self.step, "ema": bool(self.ema is not None), "config": self.config.to_dict(), "skipped_bad": self.skipped,
                  "processes": self.acc.num_processes, "weights_digest_per_rank": digests}, indent=2) + "\n")
             self.monitor.finish()
-            self.log_line(f"ControlNet written to {final}")
+            self.log_line(f"{self.config.network} written to {final}")
         self.acc.wait_for_everyone()
-        return final
+        return self.out / FINAL_NAMES[self.config.network]
 
 
 def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:

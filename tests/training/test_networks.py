@@ -1,0 +1,98 @@
+"""`network: control_lora | t2i_adapter`: the same procedure, checkpoints and exact resume as a ControlNet,
+saved in the layout ComfyUI / diffusers load."""
+
+import json
+
+import pytest
+import torch
+from diffusers import T2IAdapter
+from safetensors.torch import load_file
+
+from ctrlnet.base import load_base
+from ctrlnet.formats import load_control
+from ctrlnet.formats.checkpoint import latest_checkpoint, read_checkpoint
+from ctrlnet.models.control_lora import ControlLoRA
+from ctrlnet.training.config import ConfigError
+from ctrlnet.training.networks import trainable_state
+from ctrlnet.training.trainer import Trainer
+
+
+def weights(tr):
+    return {k: v.clone() for k, v in trainable_state(tr.output_net()).items()}
+
+
+def test_control_lora_trains_on_the_shared_base_and_resumes_exactly(make_config, tiny_bases, tmp_path):
+    cfg = make_config(network="control_lora", lora_rank=2, output_dir=str(tmp_path / "a"), ema_decay=0.9)
+    tr = Trainer(cfg, progress=False)
+    net = tr.net_raw
+    assert isinstance(net, ControlLoRA) and net.tied
+    base_params = {id(p) for p in tr.base.unet.parameters()}
+    tied = dict(net.named_parameters())
+    assert all(id(tied[n]) in base_params and not tied[n].requires_grad for n in net.tied)  # shared, frozen
+    assert all(id(p) not in base_params for p in tr.optimizer.param_groups[0]["params"])
+    assert all(id(dict(tr.ema.named_parameters())[n]) in base_params for n in net.tied)  # the EMA shares them too
+    # step 0: up = 0 and zero convolutions: the loss is the base's own
+    tr.net = tr.net_raw
+    batch = tr.batch(0)
+    with torch.no_grad():
+        noisy = tr.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+        plain = tr.base.unet(noisy, batch["timesteps"], batch["hidden"]).sample
+        assert torch.allclose(tr.loss(batch), torch.nn.functional.mse_loss(plain, batch["noise"]), rtol=1e-5)
+    base_before = {k: v.clone() for k, v in tr.base.unet.state_dict().items()}
+    out = tr.train()
+    assert all(torch.equal(v, base_before[k]) for k, v in tr.base.unet.state_dict().items())  # base untouched
+    full = weights(tr)
+    assert out.name == "control-lora.safetensors" and "lora_controlnet" in load_file(str(out))
+    tensors, state = read_checkpoint(latest_checkpoint(tmp_path / "a" / "checkpoints"))
+    assert state["network"] == "control_lora" and not any(k.endswith("conv1.weight") for k in tensors)
+    loaded = load_control(out, unet=load_base(tiny_bases["sd15"]).unet)
+    assert isinstance(loaded, ControlLoRA) and loaded.rank == 2
+    # an interrupted run resumed from its step-2 checkpoint ends with the same weights
+    part = Trainer(make_config(network="control_lora", lora_rank=2, output_dir=str(tmp_path / "b"), ema_decay=0.9,
+                               max_train_steps=2), progress=False)
+    part.train()
+    again = Trainer(make_config(network="control_lora", lora_rank=2, output_dir=str(tmp_path / "b"), ema_decay=0.9),
+                    progress=False, resume="latest")
+    again.train()
+    resumed = weights(again)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.mark.parametrize("family, adapter_type", [("sd15", "full_adapter"), ("sdxl", "full_adapter_xl")])
+def test_t2i_adapter_trains_saves_for_diffusers_and_resumes_exactly(make_config, tmp_path, family, adapter_type):
+    cfg = dict(network="t2i_adapter", adapter_res_blocks=1)
+    tr = Trainer(make_config(family, output_dir=str(tmp_path / "a"), **cfg), progress=False)
+    assert isinstance(tr.net_raw, T2IAdapter) and tr.net_raw.config.adapter_type == adapter_type
+    before = weights(tr)
+    out = tr.train()
+    full = weights(tr)
+    assert any(not torch.equal(before[k], full[k]) for k in full)  # it learned
+    assert out.name == "t2i-adapter" and json.loads((out / "config.json").read_text())["_class_name"] == "T2IAdapter"
+    theirs = T2IAdapter.from_pretrained(out)
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in full.items())
+    assert (out / "training.json").is_file()
+    Trainer(make_config(family, output_dir=str(tmp_path / "b"), max_train_steps=2, **cfg), progress=False).train()
+    again = Trainer(make_config(family, output_dir=str(tmp_path / "b"), **cfg), progress=False, resume="latest")
+    again.train()
+    resumed = weights(again)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_network_choices_are_checked_and_fixed_on_resume(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="network"):
+        make_config(network="lora").validate()
+    with pytest.raises(ConfigError, match="lora_rank"):
+        make_config(network="control_lora", lora_rank=0).validate()
+    Trainer(make_config(network="t2i_adapter", adapter_res_blocks=1, max_train_steps=2), progress=False).train()
+    with pytest.raises(ConfigError, match="network t2i_adapter -> controlnet"):
+        Trainer(make_config(max_train_steps=4), progress=False, resume="latest")
+
+
+def test_validation_monitor_scores_an_adapter(make_config, shapes64):
+    cfg = make_config(network="t2i_adapter", adapter_res_blocks=1, max_train_steps=1,
+                      validation_data=str(shapes64 / "val" / "prompt_canny.json"), validation_steps=1,
+                      num_validation_samples=2, validation_inference_steps=2)
+    tr = Trainer(cfg, progress=False)
+    tr.train()
+    log = [json.loads(line) for line in (tr.out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "iou" in r] == [0, 1]
