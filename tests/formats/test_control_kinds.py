@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from ctrlnet.formats import (CheckpointError, convert_control, detect_kind, inspect_control, kind_of, load_control,
                              save_controlnet)
 from ctrlnet.formats.adapter_io import diffusers_to_original, original_to_diffusers, save_adapter
-from ctrlnet.formats.control_lora_io import MARKER, control_lora_state_dict, save_control_lora
+from ctrlnet.formats.control_lora_io import MARKER, save_control_lora
 from ctrlnet.models import ControlNet
 from ctrlnet.models.adapter import adapter_for_unet
 from ctrlnet.models.control_lora import ControlLoRA

@@ -121,8 +121,10 @@ class ControlNetUnion(ControlNet):
         """A Union ControlNet whose encoder is a copy of ``unet``'s (union parts freshly initialised)."""
         plain = ControlNet.from_unet(unet, load_weights_from_unet=False, **config_overrides)
         ch0 = plain.config.block_out_channels[0]
-        config = UnionConfig.from_controlnet_config(plain.config, num_control_type=num_control_type,
-                                                    num_proj_channel=ch0, num_trans_channel=ch0)
+        # the types' sinusoid width: the base's added-time width (SDXL: 256), or 256 for a base without one
+        config = UnionConfig.from_controlnet_config(
+            dataclasses.replace(plain.config, addition_time_embed_dim=plain.config.addition_time_embed_dim or 256),
+            num_control_type=num_control_type, num_proj_channel=ch0, num_trans_channel=ch0)
         net = cls(config)
         if load_weights_from_unet:
             net.load_encoder_from_unet(unet)

@@ -163,7 +163,7 @@ class Region:
 class Result:
     images: list[Image.Image]
     # the condition maps actually used, (H, W, 3) uint8, one per control (a list of them, one per
-    # prompt, for a control given one image per prompt)
+    # prompt, for a control given one image per prompt; a tuple, one per type, for a multi-type Union unit)
     conditions: list
     parameters: list[str]  # A1111-style "parameters" text of each image
     latents: torch.Tensor | None = None  # (B, C, h, w) final latents
@@ -497,6 +497,36 @@ class Pipeline:
                                  control.resize_mode).astype(np.float32) / 255.0
         return resize_to(rgb, width, height, control.resize_mode).astype(np.float32) / 255.0
 
+    def check_unit(self, control: Control) -> ControlNet | T2IAdapter:
+        """The unit's loaded net after the checks that need it (its kind's rules: a Union net's types, an
+        adapter's one scale; a weight per residual or one for all), before any work: a ValueError
+        naming the unit."""
+        net = self.controlnet(control.model)
+        where = f"control {control.model}"
+        kind = kind_name(net)
+        if control.types and kind != "union":
+            raise ValueError(f"{where}: type= applies to Union ControlNets; this is a {kind}")
+        if kind == "t2i_adapter":
+            if not isinstance(control.scale, (int, float)):
+                raise ValueError(f"{where}: a T2I-Adapter takes one scale, not one per residual")
+            if control.every > 1:
+                raise ValueError(f"{where}: every= reuses ControlNet residuals; a T2I-Adapter's features are "
+                                 "computed once anyway (leave every at 1)")
+            if control.mode == "prompt":
+                raise ValueError(f"{where}: a T2I-Adapter has no per-residual soft scales: use mode balanced or "
+                                 "control")
+            return net
+        if kind == "union":
+            if not control.types:
+                raise ValueError(f"{where}: a Union ControlNet needs type= (one of {', '.join(net.type_names)})")
+            for t in control.types:
+                net.type_index(t, where)
+        try:  # one weight per residual, or one for all
+            net.residual_scales(control.scale)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return net
+
     def prepare_controls(self, controls: Sequence[Control], decoded: list[list[np.ndarray | None]], width: int,
                          height: int, init: np.ndarray | None, mask: np.ndarray | None, b: int,
                          num_images: int) -> tuple[list, list[ActiveControl], list[ActiveAdapter]]:
@@ -513,17 +543,10 @@ class Pipeline:
             return torch.from_numpy(np.stack(cmaps)).permute(0, 3, 1, 2).to(device, self.dtype)
 
         for c, images in zip(controls, decoded):
-            net = self.controlnet(c.model)
+            net = self.check_unit(c)
             where = f"control {c.model}"
             kind = kind_name(net)
-            if c.types and kind != "union":
-                raise ValueError(f"{where}: type= applies to Union ControlNets; this is a {kind}")
             if kind == "t2i_adapter":
-                if not isinstance(c.scale, (int, float)):
-                    raise ValueError(f"{where}: a T2I-Adapter takes one scale, not one per residual")
-                if c.every > 1:
-                    raise ValueError(f"{where}: every= reuses ControlNet residuals; a T2I-Adapter's features are "
-                                     "computed once anyway (leave every at 1)")
                 cmaps = [self.condition_map(c, rgb, width, height, init, mask) for rgb in images]
                 maps.append(cmaps if c.per_prompt else cmaps[0])
                 cond = as_tensor(cmaps)
@@ -534,19 +557,13 @@ class Pipeline:
                 adapters.append(ActiveAdapter([batch_rows(f * c.scale, c.per_prompt) for f in feats],
                                               c.start, c.end, c.mode))
                 continue
-            try:  # one weight per residual, or one for all: checked before any work
-                net.residual_scales(c.scale)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
             kwargs = {}
             if kind == "union":
-                if not c.types:
-                    raise ValueError(f"{where}: a Union ControlNet needs type= (one of {', '.join(net.type_names)})")
                 pairs = c.pairs() if c.multi else [c]
                 kwargs["control_types"] = [net.type_index(t, where) for t in c.types]
                 if c.multi:  # one image per type, each its own condition map
                     cmaps = [self.condition_map(p, rgb, width, height, init, mask) for p, rgb in zip(pairs, images)]
-                    maps.append(cmaps)
+                    maps.append(tuple(cmaps))  # a tuple: one map per type (a list is one per prompt)
                     hint = torch.stack([net.embed_condition(as_tensor([m])) for m in cmaps], dim=1)  # (1, n, C0, h, w)
                     actives.append(ActiveControl(self.compiled(net), batch_rows(hint, False), c.scale, c.start, c.end,
                                                  c.mode, c.every, kwargs))
@@ -692,7 +709,7 @@ class Pipeline:
                                        region_batch.prompts[i] if region_batch else ())
                   for i, p in enumerate(prompts)]
         to_uint8 = lambda m: np.clip(m * 255, 0, 255).astype(np.uint8)
-        conditions = [[to_uint8(x) for x in m] if isinstance(m, list) else to_uint8(m) for m in maps]
+        conditions = [type(m)(to_uint8(x) for x in m) if isinstance(m, (list, tuple)) else to_uint8(m) for m in maps]
         if output_type == "latent":
             return Result([], conditions, params, latents, num_images, seeds)
         images = self.decode(latents).numpy()
@@ -771,7 +788,8 @@ def grid(result: Result, path: str | Path) -> Path:
     rows = []
     for i, image in enumerate(result.images):
         a = np.asarray(image)
-        maps = [m if isinstance(m, np.ndarray) else m[i // result.num_images] for m in result.conditions]
+        maps = [x for m in result.conditions for x in (
+            [m] if isinstance(m, np.ndarray) else m if isinstance(m, tuple) else [m[i // result.num_images]])]
         cells = [np.asarray(Image.fromarray(m).resize(image.size)) for m in maps] + [a]
         rows.append(np.concatenate(cells, axis=1))
     path = Path(path)

@@ -406,7 +406,7 @@ class A1111:
             s.check_resolutions(rgb, params, w)
             control = Control(model=u.model, image=rgb if u.annotator != "inpaint" else None,
                               annotator=u.annotator, annotator_params=params, scale=u.scale, start=u.start,
-                              end=u.end, mode=u.mode, resize_mode=resize)
+                              end=u.end, mode=u.mode, resize_mode=resize, type=u.type)
             controls.append(s.checked(control, w))
             save.append(u.save_detected_map)
         # the sampler's own count of steps (img2img runs strength x steps; PLMS one more): the progress
@@ -496,7 +496,8 @@ class A1111:
             images += [png(im, p) for im, p in zip(result.images, result.parameters)]
             infotexts += result.parameters
             if k == 0:
-                maps = [png(m) for m, keep in zip(result.conditions, job.save_maps) if keep]
+                maps = [png(x) for m, keep in zip(result.conditions, job.save_maps) if keep
+                        for x in (m if isinstance(m, tuple) else [m])]
         seeds = [job.seed + i for i in range(len(infotexts))]
         info = {"prompt": job.prompt, "all_prompts": [job.prompt] * len(seeds),
                 "negative_prompt": job.negative_prompt, "all_negative_prompts": [job.negative_prompt] * len(seeds),

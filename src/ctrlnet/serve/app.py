@@ -224,7 +224,9 @@ async def generate(request: Request) -> dict:
     server.check_generate(req)
     images = [server.fit(image_of(u.image, uploads.get(f"image{i}"), f"controls.{i}.image", server.config.max_pixels))
               for i, u in enumerate(req.controls)]
-    controls = server.controls(req, images)
+    pair_images = [[server.fit(image_of(p.image, None, f"controls.{i}.pairs.{k}.image", server.config.max_pixels))
+                    for k, p in enumerate(u.pairs)] for i, u in enumerate(req.controls)]
+    controls = server.controls(req, images, pair_images)
     req = server.sized(req, images)  # every check done: only now take a place in the queue
     return await run_queued(request, server.generation, req.steps,  # A1111's /interrupt stops it too
                             lambda q: server.generate(req, controls, q.on_step, q.interrupted))

@@ -237,6 +237,7 @@ class Unit:
     mode: str
     resize_mode: str
     save_detected_map: bool
+    type: str = ""              # a Union ControlNet's condition type (the extension's union_control_type)
 
 
 LEGACY = {"input_image": "image", "lowvram": "low_vram", "guidance": "guidance_end", "mask_image": "mask"}
@@ -305,7 +306,18 @@ def unit(raw: dict, index: int, titles: dict[str, str], where: str) -> Unit:
                 image=None if blank(image) else image,
                 scale=number("weight", 1.0), start=number("guidance_start", 0.0), end=number("guidance_end", 1.0),
                 mode=mode, resize_mode=resize_mode(d.get("resize_mode", "Crop and Resize"), f"{where}.resize_mode"),
-                save_detected_map=flag(d.get("save_detected_map"), True, f"{where}.save_detected_map"))
+                save_detected_map=flag(d.get("save_detected_map"), True, f"{where}.save_detected_map"),
+                type=union_type(d.get("union_control_type"), f"{where}.union_control_type"))
+
+
+def union_type(v: Any, where: str) -> str:
+    """The extension's ``union_control_type`` label ("Canny/Lineart/Anime Lineart/MLSD", "Depth", "Normal Map",
+    "Unknown", ...) as a Union type name (its first alternative: canny, depth, normal, ...); "" for none."""
+    if blank(v) or v == "Unknown":
+        return ""
+    if not isinstance(v, str):
+        raise ValueError(f"{where}: expected a type label such as 'Depth' or 'Canny/Lineart/Anime Lineart/MLSD'")
+    return v.split("/")[0].strip().lower().removesuffix(" map")
 
 
 def _number(v: Any, where: str) -> float:

@@ -45,12 +45,27 @@ class ControlUnitRequest(pydantic.BaseModel):
     resize_mode: Literal[RESIZE_MODES] = "crop_and_resize"
     every: int = Field(1, **bounds("every"), description="run the net at every k-th step, reuse its residuals "
                                                           "in between")
+    type: str = Field("", max_length=64, description="a Union ControlNet's condition type for image (canny, depth, "
+                                                     "openpose, ...: GET /api/models lists each net's types)")
+    pairs: list["UnionPairRequest"] = Field(default_factory=list, max_length=8, description=(
+        "more (image, type) pairs for the same Union ControlNet, run through its trunk once with image/type"))
 
-    def to_control(self, image: np.ndarray) -> Control:
-        """This unit as the Pipeline takes it, with its decoded ``image``."""
-        return Control(model=self.model, image=image, annotator=self.annotator, annotator_params=dict(self.params),
-                       scale=self.scale, start=self.start, end=self.end, mode=self.mode,
-                       resize_mode=self.resize_mode, every=self.every)
+    def to_control(self, image: np.ndarray, pair_images: list[np.ndarray] = ()) -> Control:
+        """This unit as the Pipeline takes it, with its decoded ``image`` (and its pairs' images)."""
+        kw = dict(model=self.model, image=image, annotator=self.annotator, annotator_params=dict(self.params),
+                  scale=self.scale, start=self.start, end=self.end, mode=self.mode,
+                  resize_mode=self.resize_mode, every=self.every, type=self.type)
+        if self.pairs:
+            kw.update(image=[image, *pair_images], type=[self.type] + [p.type for p in self.pairs],
+                      annotator=[self.annotator] + [p.annotator for p in self.pairs])
+        return Control(**kw)
+
+
+class UnionPairRequest(pydantic.BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="base64 PNG/JPEG/WebP or data URL")
+    type: str = Field(max_length=64)
+    annotator: str = ""
 
 
 class GenerateRequest(pydantic.BaseModel):

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..annotators import ALIASES, ANNOTATORS, NEEDS, WEIGHTS, check_params, get_annotator, resolution_size
 from ..annotators.weights import WeightsError, WeightsNotFound, locate_any, options
-from ..formats import load_controlnet
+from ..formats import kind_name, load_control
 from ..images import RESIZE_MODES, png_bytes, resize_any
 from ..names import base_path, is_nano
 from ..pipeline import Control, Pipeline, PromptTruncatedWarning, SlowDtypeWarning
@@ -62,7 +62,7 @@ class Server:
         if is_nano(config.base):
             named = {**{k: str(v) for k, v in bundled_controlnets().items()}, **named}
         for name, path in named.items():  # loaded now: requests can only pick among these
-            self.pipe.add_controlnet(name, load_controlnet(path, dtype=self.pipe.dtype))
+            self.pipe.add_controlnet(name, load_control(path, unet=self.pipe.base.unet, dtype=self.pipe.dtype))
         self.sources = named  # name -> the file or folder it was loaded from (A1111's model hashes)
         self.base_path = base_path(config.base)
         self.generation = GenerationQueue(config.queue)
@@ -77,7 +77,10 @@ class Server:
         for name in self.pipe.controlnets:
             # the annotator whose maps a net was trained on, when its name says it (nano-canny -> canny)
             suggested = next((a for a in sorted(ANNOTATORS, key=len, reverse=True) if a in name.lower()), "")
-            nets.append({"name": name, "annotator": suggested})
+            net = self.pipe.controlnets[name]
+            kind = kind_name(net)
+            nets.append({"name": name, "annotator": suggested, "kind": kind,
+                         "types": list(net.type_names) if kind == "union" else []})
         c = self.config
         return {"base": self.pipe.name, "controlnets": nets, "schedulers": list(SCHEDULERS),
                 "modes": list(CONTROL_MODES), "resize_modes": list(RESIZE_MODES),
@@ -202,20 +205,22 @@ class Server:
                 raise ApiError(400, f"controls.{i}.annotator: inpaint is not offered by the server")
             self.check_params(u.annotator, u.params, f"controls.{i}")
 
-    def controls(self, req: GenerateRequest, images: list) -> list[Control]:
-        """The request's units as Controls with their decoded images (after ``fit``), each checked by
-        Control.check() now, so a bad unit is a 400 before it waits in the queue."""
+    def controls(self, req: GenerateRequest, images: list, pair_images: list | None = None) -> list[Control]:
+        """The request's units as Controls with their decoded images (after ``fit``; a Union unit's
+        pairs' images in ``pair_images``), each checked by Control.check() now, so a bad unit is a 400
+        before it waits in the queue."""
         out = []
-        for i, (unit, image) in enumerate(zip(req.controls, images, strict=True)):
+        pair_images = pair_images or [[] for _ in images]
+        for i, (unit, image, more) in enumerate(zip(req.controls, images, pair_images, strict=True)):
             self.check_resolutions(image, unit.params, f"controls.{i}")
-            out.append(self.checked(unit.to_control(image), f"controls.{i}"))
+            out.append(self.checked(unit.to_control(image, more), f"controls.{i}"))
         return out
 
     def checked(self, control: Control, where: str) -> Control:
         """``control`` after Control.check() and its net's weight check: a 400 naming ``where``."""
         try:
             control.check()
-            self.pipe.controlnets[control.model].residual_scales(control.scale)  # one weight, or one per residual
+            self.pipe.check_unit(control)  # its kind's rules, a weight per residual or one for all
         except (WeightsError, WeightsNotFound) as e:
             raise ApiError(400, f"{where}: " + weights_problem(control.annotator, e)) from None
         except (ValueError, TypeError) as e:  # TypeError: get_annotator given a parameter of the wrong kind
@@ -275,6 +280,7 @@ class Server:
             width=req.width, height=req.height, scheduler=req.scheduler, callback=on_step, stop=stop))
         w, h = result.images[0].size
         return {"images": [data_url(png_bytes(im, p)) for im, p in zip(result.images, result.parameters)],
-                "conditions": [data_url(png_bytes(m)) for m in result.conditions],
+                "conditions": [data_url(png_bytes(x)) for m in result.conditions  # a Union unit's pairs: each
+                               for x in (m if isinstance(m, tuple) else [m])],
                 "parameters": result.parameters, "seeds": result.seeds,
                 "width": w, "height": h, "seconds": round(time.perf_counter() - t0, 3), "warnings": notes}
