@@ -96,3 +96,19 @@ def test_validation_monitor_scores_an_adapter(make_config, shapes64):
     tr.train()
     log = [json.loads(line) for line in (tr.out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "iou" in r] == [0, 1]
+
+
+def test_checkpoints_of_other_networks_load_and_inspect(make_config, tiny_bases, tmp_path):
+    """A training checkpoint of a Control-LoRA or T2I-Adapter loads as its kind (eval's checkpoint globs)."""
+    from ctrlnet.formats import inspect_control, kind_of
+    from ctrlnet.formats.checkpoint import latest_checkpoint
+    for network in ("control_lora", "t2i_adapter"):
+        out = tmp_path / network
+        tr = Trainer(make_config(network=network, lora_rank=2, adapter_res_blocks=1, output_dir=str(out),
+                                 max_train_steps=2), progress=False)
+        tr.train()
+        ckpt = latest_checkpoint(out / "checkpoints")
+        assert kind_of(ckpt) == network and inspect_control(ckpt)["kind"] == network
+        net = load_control(ckpt, unet=load_base(tiny_bases["sd15"]).unet)
+        final = trainable_state(tr.output_net())
+        assert all(torch.equal(trainable_state(net)[k], v) for k, v in final.items())

@@ -24,7 +24,9 @@ from ..models.control_lora import ControlLoRA
 from ..models.controlnet import ControlNet
 from ..models.union import ControlNetUnion, UnionConfig, union_type_names
 from ..names import is_training_checkpoint
+from .adapter_io import CONFIG_KEYS as ADAPTER_CONFIG_KEYS
 from .adapter_io import is_adapter, load_adapter, save_adapter
+from .checkpoint import read_checkpoint, unflat
 from .control_lora_io import (MARKER, hint_channels, load_control_lora, lora_summary,
                               save_control_lora)
 from .controlnet_io import (UNION_KEYS, _config_from_metadata, _read_diffusers_config, infer_config_from_diffusers_keys,
@@ -51,8 +53,11 @@ def detect_kind(keys) -> str:
 def kind_of(path: str | Path) -> str:
     """The kind of a file or folder (a bundled name or training checkpoint is a ControlNet)."""
     path = resolve(path)
-    if is_training_checkpoint(path):
-        return "controlnet"
+    if is_training_checkpoint(path):  # `ctrlnet train` checkpoint: its config says (older ones: controlnet)
+        try:
+            return json.loads((path / "state.json").read_text()).get("network", "controlnet")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return "controlnet"
     if path.is_dir():
         config = path / "config.json"
         if config.is_file():
@@ -82,6 +87,9 @@ def load_control(path: str | Path, unet: nn.Module | None = None, dtype: torch.d
     Control-LoRA (whose net is built from it, sharing its weights)."""
     path = resolve(path)
     kind = kind_of(path)
+    if is_training_checkpoint(path) and kind != "controlnet":
+        net = network_from_checkpoint(path, kind, unet)
+        return net.to(dtype) if dtype and kind == "t2i_adapter" else net
     if kind == "t2i_adapter":
         return load_adapter(path, dtype)[0]
     if kind == "control_lora":
@@ -92,12 +100,39 @@ def load_control(path: str | Path, unet: nn.Module | None = None, dtype: torch.d
     return load_controlnet(path, dtype=dtype)
 
 
+def network_from_checkpoint(path: Path, kind: str, unet: nn.Module | None) -> Control:
+    """A Control-LoRA or T2I-Adapter from a ``ctrlnet train`` checkpoint folder (its EMA weights when
+    the run kept them, as the final file would hold)."""
+    tensors, state = read_checkpoint(path)
+    weights = unflat("ema", tensors) or unflat("controlnet", tensors)
+    config = state["controlnet_config"]
+    if kind == "t2i_adapter":
+        adapter = T2IAdapter(**{k: config[k] for k in ADAPTER_CONFIG_KEYS})
+        adapter.load_state_dict(weights)
+        return adapter.eval().requires_grad_(False)
+    if unet is None:
+        raise CheckpointError(f"{path}: a Control-LoRA checkpoint is deltas on a base's weights; load it with its "
+                              "base (load_control(path, unet=base.unet))")
+    net = ControlLoRA.from_unet(unet, rank=config["lora_rank"], conditioning_channels=config["conditioning_channels"],
+                                conditioning_embedding_out_channels=tuple(config["conditioning_embedding_out_channels"]))
+    missing = net.load_state_dict(weights, strict=False)
+    if [k for k in missing.missing_keys if k not in net.tied] or missing.unexpected_keys:
+        raise CheckpointError(f"{path}: its Control-LoRA does not fit this base (unexpected "
+                              f"{missing.unexpected_keys[:3]})")
+    return net.eval().requires_grad_(False)
+
+
 def inspect_control(path: str | Path) -> dict[str, Any]:
     """``inspect_checkpoint`` for every kind: the kind first, then what that kind has (Union: its
     types; Control-LoRA: its ranks; T2I-Adapter: its type, channels and input channels)."""
     path = resolve(path)
     kind = kind_of(path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    if is_training_checkpoint(path) and kind != "controlnet":
+        tensors, state = read_checkpoint(path)
+        weights = unflat("ema", tensors) or unflat("controlnet", tensors)
+        return {"kind": kind, "path": str(path), "format": "ctrlnet-train-checkpoint", "step": state.get("step"),
+                "parameters": sum(v.numel() for v in weights.values()), "config": state["controlnet_config"]}
     if kind in ("controlnet", "union"):
         info = {"kind": kind, **inspect_checkpoint(path), "file_bytes": size}
         if kind == "union":
