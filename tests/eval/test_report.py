@@ -168,3 +168,27 @@ def test_openvino_eval_scores_like_torch(val, tmp_path, monkeypatch):
     got, want = ov["results"][0]["metrics"], eager["results"][0]["metrics"]
     assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 0.02 for k in want), (got, want)
     assert any(p.name.startswith("unet-") for p in (tmp_path / "openvino-cache").iterdir())
+
+
+def test_eval_takes_every_kind(val, tmp_path):
+    """A Control-LoRA (zero deltas and zero convolutions: no control yet), a T2I-Adapter and a Union net
+    for the nano base, evaluated as ControlNets are: a Control-LoRA at its start scores as the baseline."""
+    from ctrlnet.base import load_base
+    from ctrlnet.formats import save_controlnet
+    from ctrlnet.formats.adapter_io import save_adapter
+    from ctrlnet.formats.control_lora_io import save_control_lora
+    from ctrlnet.models.adapter import adapter_for_unet
+    from ctrlnet.models.control_lora import ControlLoRA
+    from ctrlnet.models.union import ControlNetUnion
+    from ctrlnet.testbed import NANO_SD
+    unet = load_base(NANO_SD).unet
+    lora = save_control_lora(ControlLoRA.from_unet(unet, rank=4), tmp_path / "cl.safetensors")
+    torch.manual_seed(0)
+    adapter = save_adapter(adapter_for_unet(dict(unet.config), num_res_blocks=1), tmp_path / "adapter")
+    union = save_controlnet(ControlNetUnion.from_unet(unet, 6), tmp_path / "union")
+    units = [Control(str(lora), annotator="canny"), Control(str(adapter), annotator="canny", scale=0.5),
+             Control(str(union), annotator="canny", type="canny")]
+    report = evaluate("nano", units[:1], val, tmp_path / "lora", n=2, steps=2, progress=False)
+    assert report["results"][0]["metrics"] == report["baseline"]
+    report = evaluate("nano", units[1:], val, tmp_path / "mixed", n=2, steps=2, progress=False)
+    assert report["results"][0]["metrics"] != report["baseline"] and "control0_edge_f1" in report["baseline"]
