@@ -226,3 +226,14 @@ def test_kinds_are_told_apart():
     assert detect_kind(["adapter.body.0.resnets.0.block1.weight"]) == "t2i_adapter"
     assert detect_kind(["body.0.in_conv.weight"]) == "t2i_adapter"
     assert detect_kind(["control_model.input_hint_block.0.weight"]) == "controlnet"
+
+
+def test_a_diffusers_layout_adapter_file_without_config_is_inferred(tmp_path):
+    """One file with diffusers names and no config.json next to it: the layout is read off the shapes."""
+    for adapter_type in ("full_adapter", "light_adapter"):
+        adapter = randomize(random_adapter(adapter_type))
+        save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(tmp_path / f"{adapter_type}.st"))
+        (tmp_path / f"{adapter_type}.st").rename(tmp_path / f"{adapter_type}.safetensors")
+        loaded = load_control(tmp_path / f"{adapter_type}.safetensors")
+        assert loaded.config.adapter_type == adapter_type and list(loaded.config.channels) == \
+            list(adapter.config.channels)

@@ -21,7 +21,7 @@ import diffusers
 import torch
 from diffusers import T2IAdapter
 
-from .safe_load import CheckpointError, read_state_dict, write_safetensors
+from .safe_load import CheckpointError, read_config_json, read_state_dict, write_safetensors
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "diffusion_pytorch_model.bin")
@@ -90,11 +90,15 @@ def original_to_diffusers(tensors: dict[str, torch.Tensor], where: str = "") -> 
 def diffusers_to_original(adapter: T2IAdapter) -> dict[str, torch.Tensor]:
     """The original-layout tensors of a diffusers T2IAdapter."""
     c = adapter.config
-    nrb = c.num_res_blocks
+    return renamed_to_original(adapter.state_dict(), c.num_res_blocks, c.adapter_type == "light_adapter")
+
+
+def renamed_to_original(tensors: dict[str, torch.Tensor], nrb: int, light: bool = False) -> dict[str, torch.Tensor]:
+    """Diffusers adapter names (``adapter.`` prefix optional) -> TencentARC's, ``nrb`` resnets per level."""
     out = {}
-    for k, v in adapter.state_dict().items():
+    for k, v in tensors.items():
         k = k.removeprefix("adapter.")
-        if c.adapter_type == "light_adapter":
+        if light:
             out[re.sub(r"^body\.(\d+)\.resnets\.(\d+)\.", r"body.\1.body.\2.", k)] = v
         elif m := re.match(r"body\.(\d+)\.in_conv\.(.*)", k):
             out[f"body.{int(m[1]) * nrb}.in_conv.{m[2]}"] = v
@@ -130,11 +134,7 @@ def _load_into(adapter: T2IAdapter, tensors: dict[str, torch.Tensor], where: str
 
 
 def read_adapter_config(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the T2I-Adapter config: {e}") from None
-    return raw
+    return read_config_json(path, "T2I-Adapter")
 
 
 def load_adapter(path: str | Path, dtype: torch.dtype | None = None) -> tuple[T2IAdapter, str]:
@@ -155,8 +155,9 @@ def load_adapter(path: str | Path, dtype: torch.dtype | None = None) -> tuple[T2
             if config is None and sibling.is_file():
                 config = read_adapter_config(sibling)
             if config is None:  # infer through the original layout, which carries the shapes
-                adapter_t = {k: v for k, v in tensors.items()}
-                _, config = original_to_diffusers(diffusers_to_original_keys(adapter_t), str(path))
+                nrb = len({m[1] for k in tensors if (m := re.search(r"body\.0\.resnets\.(\d+)\.", k))}) or 2
+                light = any(re.search(r"body\.0\.out_conv\.", k) for k in tensors)
+                _, config = original_to_diffusers(renamed_to_original(tensors, nrb, light), str(path))
             adapter = _load_into(_build(config, str(path)), {("adapter." + k.removeprefix("adapter.")): v
                                                                for k, v in tensors.items()}, str(path))
             fmt = "diffusers"
@@ -166,21 +167,6 @@ def load_adapter(path: str | Path, dtype: torch.dtype | None = None) -> tuple[T2
             fmt = "original"
     adapter = adapter.eval().requires_grad_(False)
     return (adapter.to(dtype) if dtype else adapter), fmt
-
-
-def diffusers_to_original_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Key renaming only (full/XL layouts, 2 resnets per level when unknown): for config inference."""
-    nrb = len({int(m[1]) for k in tensors if (m := re.search(r"body\.0\.resnets\.(\d+)\.", k))}) or 2
-    out = {}
-    for k, v in tensors.items():
-        k = k.removeprefix("adapter.")
-        if m := re.match(r"body\.(\d+)\.in_conv\.(.*)", k):
-            out[f"body.{int(m[1]) * nrb}.in_conv.{m[2]}"] = v
-        elif m := re.match(r"body\.(\d+)\.resnets\.(\d+)\.(.*)", k):
-            out[f"body.{int(m[1]) * nrb + int(m[2])}.{m[3]}"] = v
-        else:
-            out[k] = v
-    return out
 
 
 def save_adapter(adapter: T2IAdapter, out: str | Path, format: str = "diffusers", half: bool = False) -> Path:

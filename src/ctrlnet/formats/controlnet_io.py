@@ -30,7 +30,7 @@ from ..models.union import ControlNetUnion, UnionConfig
 from ..names import UnknownName, controlnet_path, is_nano, is_training_checkpoint
 from .checkpoint import controlnet_from_checkpoint, read_checkpoint, unflat
 from .keymap import build_keymap
-from .safe_load import CheckpointError, read_state_dict, write_safetensors
+from .safe_load import CheckpointError, read_config_json, read_state_dict, write_safetensors
 
 PREFIX = "control_model."
 # keys of a whole Stable Diffusion checkpoint (CompVis / SGM single file): UNet, VAE, text encoder(s)
@@ -212,10 +212,7 @@ def _config_from_metadata(metadata: dict[str, str]) -> ControlNetConfig | None:
 
 
 def _read_diffusers_config(path: Path) -> ControlNetConfig:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the ControlNet config: {e}") from None
+    raw = read_config_json(path, "ControlNet")
     cls = raw.get("_class_name", "ControlNetModel")
     if cls not in CONFIG_CLASSES:
         raise CheckpointError(f"{path}: _class_name is {cls!r}; ctrlnet reads {', '.join(CONFIG_CLASSES)} folders "

@@ -74,3 +74,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+def read_config_json(path: str | Path, what: str) -> dict:
+    """A model folder's config.json as a dict; a CheckpointError naming the file and ``what`` it configures."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the {what} config: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: the {what} config is not a JSON object")
+    return raw
