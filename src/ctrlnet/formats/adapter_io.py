@@ -21,7 +21,7 @@ import diffusers
 import torch
 from diffusers import T2IAdapter
 
-from .safe_load import CheckpointError, read_config_json, read_state_dict, write_safetensors
+from .safe_load import CheckpointError, read_config_json, read_state_dict, write_model_folder, write_safetensors
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "diffusion_pytorch_model.bin")
@@ -190,9 +190,4 @@ def save_adapter(adapter: T2IAdapter, out: str | Path, format: str = "diffusers"
     if format == "original":
         write_safetensors(tensors, out, {"format": "pt", "ctrlnet_kind": "t2i_adapter"})
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(out / "config.json")
-    return out
+    return write_model_folder(out, tensors, config)

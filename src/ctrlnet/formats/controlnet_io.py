@@ -30,7 +30,7 @@ from ..models.union import ControlNetUnion, UnionConfig
 from ..names import UnknownName, controlnet_path, is_nano, is_training_checkpoint
 from .checkpoint import controlnet_from_checkpoint, read_checkpoint, unflat
 from .keymap import build_keymap
-from .safe_load import CheckpointError, read_config_json, read_state_dict, write_safetensors
+from .safe_load import CheckpointError, read_config_json, read_state_dict, write_model_folder, write_safetensors
 
 PREFIX = "control_model."
 # keys of a whole Stable Diffusion checkpoint (CompVis / SGM single file): UNet, VAE, text encoder(s)
@@ -337,12 +337,7 @@ def save_controlnet(net: ControlNet, out: str | Path, format: str = "diffusers",
     if format in ("diffusers", "ctrlnet"):
         config = diffusers_config_dict(net.config) if format == "diffusers" else \
             {"_class_name": class_name(net.config), **net.config.to_dict()}
-        out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(tensors, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-        tmp = out / "config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        tmp.replace(out / "config.json")
-        return out
+        return write_model_folder(out, tensors, config)
     if format == "single":  # one .safetensors file, diffusers key names, the exact config in its metadata
         diffusers_config_dict(net.config)  # same representability check
         if out.suffix != ".safetensors":

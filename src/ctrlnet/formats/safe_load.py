@@ -86,3 +86,15 @@ def read_config_json(path: str | Path, what: str) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: the {what} config is not a JSON object")
     return raw
+
+
+def write_model_folder(out: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """A diffusers model folder: ``diffusion_pytorch_model.safetensors`` and ``config.json``, each
+    written atomically (the config last: a folder with a config has its weights)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(out / "config.json")
+    return out
