@@ -185,10 +185,16 @@ def test_eval_takes_every_kind(val, tmp_path):
     lora = save_control_lora(ControlLoRA.from_unet(unet, rank=4), tmp_path / "cl.safetensors")
     torch.manual_seed(0)
     adapter = save_adapter(adapter_for_unet(dict(unet.config), num_res_blocks=1), tmp_path / "adapter")
-    union = save_controlnet(ControlNetUnion.from_unet(unet, 6), tmp_path / "union")
+    union_net = ControlNetUnion.from_unet(unet, 6)
+    with torch.no_grad():
+        union_net.controlnet_mid_block.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    union = save_controlnet(union_net, tmp_path / "union")
     units = [Control(str(lora), annotator="canny"), Control(str(adapter), annotator="canny", scale=0.5),
              Control(str(union), annotator="canny", type="canny")]
     report = evaluate("nano", units[:1], val, tmp_path / "lora", n=2, steps=2, progress=False)
     assert report["results"][0]["metrics"] == report["baseline"]
-    report = evaluate("nano", units[1:], val, tmp_path / "mixed", n=2, steps=2, progress=False)
-    assert report["results"][0]["metrics"] != report["baseline"] and "control0_edge_f1" in report["baseline"]
+    for unit in units[1:]:  # each acts
+        report = evaluate("nano", [unit], val, tmp_path / "one", n=2, steps=2, progress=False)
+        assert report["results"][0]["metrics"] != report["baseline"] and "control0_edge_f1" in report["baseline"]
+    with pytest.raises(ValueError, match="pairs in one unit are not evaluated"):
+        evaluate("nano", [Control(str(union), image=["a", "b"], type=["canny", "depth"])], val, tmp_path / "m", n=2)

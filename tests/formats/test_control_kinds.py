@@ -126,6 +126,12 @@ def test_control_lora_file_layout_shares_base_weights_and_matches_comfyui_merge(
     assert isinstance(loaded, ControlLoRA) and loaded.rank == 3
     # the base's tensors are shared, not copied
     assert loaded.down_blocks[0].resnets[0].conv1.weight is unet.down_blocks[0].resnets[0].conv1.weight
+    # the file's names, read by diffusers' own converter of Stability's files (ControlNetModel.load_lora_adapter)
+    from diffusers.utils.state_dict_utils import convert_sai_sd_control_lora_state_dict_to_peft
+    theirs = {k.replace(".lora_B.weight", ".up").replace(".lora_A.weight", ".down"): v for k, v in
+              convert_sai_sd_control_lora_state_dict_to_peft(dict(tensors)).items() if v is not None}
+    own = loaded.own_state_dict()
+    assert theirs.keys() == own.keys() and all(torch.equal(theirs[k], own[k]) for k in own)
     comfy = comfy_merge(unet, tensors, ControlNet(loaded.config))
     sample, t, text, cond, kw = make_inputs(unet)
     with torch.no_grad():

@@ -140,6 +140,11 @@ def test_control_lora_generates_as_its_merged_controlnet(bases, tmp_path):
     b = ours(pipe, [Control("full", cond, scale=0.9)])
     assert (a - b).abs().max() <= 1e-4 and (a - ours(pipe, [])).abs().max() > 1e-3
     assert all(m._merged is None for _, m in lora.lora_layers())  # the merged weights were dropped after the call
+    assert lora.tied_to(base.unet) and lora.down_blocks[0].resnets[0].conv1.weight is \
+        base.unet.down_blocks[0].resnets[0].conv1.weight  # still the base's own tensors after add_controlnet
+    other = load_base(bases["sd15"])  # the same weights, other tensors: the net is not tied to them
+    with pytest.raises(ValueError, match="built on another base's weights"):
+        Pipeline(other, {"lora": lora})
     # a saved file, loaded through the pipeline on its base, gives the same
     from ctrlnet.formats.control_lora_io import save_control_lora
     path = save_control_lora(lora, tmp_path / "cl.safetensors")

@@ -79,6 +79,7 @@ def test_generate_with_every_kind(app, shapes_sample):
 def test_a1111_union_control_type(app, shapes_sample):
     assert union_type("Canny/Lineart/Anime Lineart/MLSD", "u") == "canny"
     assert union_type("Normal Map", "u") == "normal" and union_type("Unknown", "u") == ""
+    assert union_type("Soft Edge", "u") == "hed" and union_type("Inpaint", "u") == "repaint"
     _, maps = shapes_sample
     unit = {"module": "none", "model": "union", "image": b64png(maps["canny"]), "union_control_type": "Canny/Lineart"}
     body = {"prompt": "a red circle", "steps": 2, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
@@ -88,3 +89,7 @@ def test_a1111_union_control_type(app, shapes_sample):
     status, _, out = asyncio.run(asgi_json(app, "POST", "/sdapi/v1/txt2img", {
         **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "union_control_type": "Unknown"}]}}}))
     assert status == 400 and "needs type=" in out["detail"], out
+    # a classic ControlNet unit with a union label: ignored, as the extension does
+    status, _, out = asyncio.run(asgi_json(app, "POST", "/sdapi/v1/txt2img", {
+        **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "model": "nano-canny"}]}}}))
+    assert status == 200, out

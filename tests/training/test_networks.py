@@ -112,3 +112,44 @@ def test_checkpoints_of_other_networks_load_and_inspect(make_config, tiny_bases,
         net = load_control(ckpt, unet=load_base(tiny_bases["sd15"]).unet)
         final = trainable_state(tr.output_net())
         assert all(torch.equal(trainable_state(net)[k], v) for k, v in final.items())
+
+
+def test_control_lora_in_mixed_precision_validates_and_leaves_the_base_alone(make_config, shapes64):
+    """bf16 base, fp32 Control-LoRA tensors: training, the validation monitor (generation) and the base."""
+    from accelerate.state import AcceleratorState
+    cfg = make_config(network="control_lora", lora_rank=2, mixed_precision="bf16", max_train_steps=1,
+                      validation_data=str(shapes64 / "val" / "prompt_canny.json"), validation_steps=1,
+                      num_validation_samples=2, validation_inference_steps=2)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    tr = Trainer(cfg, progress=False)
+    assert tr.net_raw.dtype == torch.float32 and tr.base.unet.dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in tr.base.unet.state_dict().items()}
+    try:
+        tr.train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, before[k]) for k, v in tr.base.unet.state_dict().items())
+    log = [json.loads(line) for line in (tr.out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "iou" in r] == [0, 1]
+
+
+def test_adapter_signal_through_distributed_data_parallel(make_config):
+    """Under several processes the trainer calls the network through DDP: the kind is the raw module's."""
+    import socket
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from ctrlnet.training.networks import control_signal
+    tr = Trainer(make_config(network="t2i_adapter", adapter_res_blocks=1), progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    try:
+        ddp = DistributedDataParallel(tr.net_raw)
+        batch = tr.batch(0)
+        residuals, features = control_signal(tr.net_raw, ddp, batch["latents"], batch["timesteps"], batch["hidden"],
+                                             batch["condition"], None)
+        assert residuals is None and len(features) == len(tr.net_raw.config.channels)
+        assert all(torch.equal(a, b) for a, b in zip(features, tr.net_raw(batch["condition"])))
+    finally:
+        dist.destroy_process_group()

@@ -187,6 +187,9 @@ def evaluate(base: str, controls: list[Control], data: str | Path, out: str | Pa
         if c.annotator:
             require(c.annotator, c.annotator_params)
     for c in controls:
+        if c.multi:
+            raise ValueError(f"eval: control {c.model}: several (image, type) pairs in one unit are not evaluated "
+                             "(each unit is scored against its one condition); give one type= per --control")
         if not isinstance(c.model, (str, Path)):
             raise ValueError(f"eval: control model {type(c.model).__name__}: give a name or path (the report "
                              "records it, and a glob over checkpoints is expanded)")

@@ -94,7 +94,10 @@ def load_control_lora(path: str | Path, unet: nn.Module, dtype: torch.dtype | No
         if down is None:
             raise CheckpointError(f"{path}: {key} has no matching .down")
         module = inverse[key[:-3] + ".weight"].removesuffix(".weight")
-        net.set_lora(module, int(up.shape[1]), up.to(dtype), down.to(dtype))
+        try:
+            net.set_lora(module, int(up.shape[1]), up.to(dtype), down.to(dtype))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {key[:-3]}: {e} (a Control-LoRA for another base?)") from None
     own = set()
     for key, value in tensors.items():
         if key.endswith(LORA_SUFFIXES):
@@ -111,7 +114,10 @@ def load_control_lora(path: str | Path, unet: nn.Module, dtype: torch.dtype | No
     not_in_base = [n for n in missing if n not in base_params]
     if not_in_base:
         raise CheckpointError(f"{path}: no weights for {', '.join(not_in_base[:5])} (neither in the file nor the base)")
-    net.tie_to(unet, set(missing))
+    try:
+        net.tie_to(unet, set(missing))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if next(unet.parameters()).dtype != dtype:
         raise CheckpointError(f"{path}: load it in the base's dtype ({unet.dtype}), not {dtype}: the base's "
                               "weights are shared, not copied")

@@ -16,6 +16,7 @@ first missing / unexpected keys and shape mismatches (the original apps load wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -167,8 +168,10 @@ def infer_config_from_diffusers_keys(tensors: dict[str, torch.Tensor]) -> Contro
         return config
     types, width = union["task_embedding"].shape
     layers = {k.split(".")[1] for k in union if k.startswith("transformer_layes.")}
+    type_width = int(union["control_add_embedding.linear_1.weight"].shape[1]) // int(types)  # SDXL: 256
     return UnionConfig.from_controlnet_config(
-        config, num_control_type=int(types), num_trans_channel=int(width), num_trans_layer=len(layers),
+        dataclasses.replace(config, addition_time_embed_dim=config.addition_time_embed_dim or type_width),
+        num_control_type=int(types), num_trans_channel=int(width), num_trans_layer=len(layers),
         num_proj_channel=int(union["spatial_ch_projs.weight"].shape[0]),
         num_trans_head=8 if width % 8 == 0 else 1)  # heads leave no trace in the weights; xinsir's: 8
 

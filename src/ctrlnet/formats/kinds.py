@@ -116,8 +116,9 @@ def network_from_checkpoint(path: Path, kind: str, unet: nn.Module | None) -> Co
     net = ControlLoRA.from_unet(unet, rank=config["lora_rank"], conditioning_channels=config["conditioning_channels"],
                                 conditioning_embedding_out_channels=tuple(config["conditioning_embedding_out_channels"]))
     missing = net.load_state_dict(weights, strict=False)
-    if [k for k in missing.missing_keys if k not in net.tied] or missing.unexpected_keys:
-        raise CheckpointError(f"{path}: its Control-LoRA does not fit this base (unexpected "
+    absent = [k for k in missing.missing_keys if k not in net.tied]
+    if absent or missing.unexpected_keys:
+        raise CheckpointError(f"{path}: its Control-LoRA does not fit this base (missing {absent[:3]}, unexpected "
                               f"{missing.unexpected_keys[:3]})")
     return net.eval().requires_grad_(False)
 

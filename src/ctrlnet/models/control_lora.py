@@ -65,12 +65,15 @@ class LoRAMixin:
 
 class LoRAConv2d(LoRAMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.merged_weight(), self.bias)
+        # the base's weight may be in another dtype than the net's own tensors (a bf16 base, fp32 training)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return self._conv_forward(x, self.merged_weight().to(x.dtype), bias)
 
 
 class LoRALinear(LoRAMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.merged_weight(), self.bias)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.merged_weight().to(x.dtype), bias)
 
 
 def with_lora(layer: nn.Conv2d | nn.Linear, rank: int, up=None, down=None) -> LoRAConv2d | LoRALinear:
@@ -143,6 +146,32 @@ class ControlLoRA(ControlNet):
                                  f"{tuple(getattr(module, attr).shape)} (a Control-LoRA for another base)")
             setattr(module, attr, base)
             self.tied.add(name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the net's own tensors (the base's, shared, may differ)."""
+        return self.controlnet_mid_block.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.controlnet_mid_block.weight.device
+
+    def own_to(self, device=None, dtype: torch.dtype | None = None, memory_format=None) -> "ControlLoRA":
+        """``Module.to`` for the net's own tensors only: ``to`` would convert the base's shared parameters
+        in place (the same Parameter objects), changing the base."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in self.tied:
+                    continue
+                kw = {"memory_format": memory_format} if memory_format is not None and p.ndim == 4 else {}
+                p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else None, **kw)
+        return self
+
+    def tied_to(self, unet: nn.Module) -> bool:
+        """Whether the base tensors this net uses are ``unet``'s own."""
+        params = dict(self.named_parameters())
+        unet_params = {id(p) for p in unet.parameters()}
+        return all(id(params[n]) in unet_params for n in self.tied)
 
     def lora_layers(self) -> Iterator[tuple[str, LoRAMixin]]:
         return ((n, m) for n, m in self.named_modules() if isinstance(m, LoRAMixin))

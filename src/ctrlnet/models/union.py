@@ -37,7 +37,8 @@ UNION_ALIASES = {
     "pose": "openpose", "dwpose": "openpose", "scribble": "hed", "softedge": "hed", "pidi": "hed",
     "thick_line": "hed", "lineart": "canny", "mlsd": "canny", "thin_line": "canny", "edges": "canny",
     "seg": "segment", "segmentation": "segment", "inpaint": "repaint", "inpainting": "repaint",
-    "outpaint": "repaint",
+    "outpaint": "repaint", "ted": "hed", "anime_lineart": "canny", "hard_edge": "canny", "soft_edge": "hed",
+    "normal_map": "normal", "blur": "tile",
 }
 
 

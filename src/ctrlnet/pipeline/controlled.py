@@ -355,9 +355,16 @@ class Pipeline:
         if self.openvino is not None and kind_name(net) != "controlnet":
             raise ValueError(f"{key}: backend openvino runs classic ControlNets; a {kind_name(net)} needs backend "
                              "torch (or convert a Control-LoRA to a full ControlNet: ctrlnet convert --to diffusers)")
-        if isinstance(net, ControlLoRA) and net.dtype != self.base.unet.dtype:
-            raise ValueError(f"{key}: a Control-LoRA shares the base's weights; load it in the base's dtype "
-                             f"({self.base.unet.dtype}), not {net.dtype}")
+        if isinstance(net, ControlLoRA):  # built on this base's own tensors; only its own ones move
+            if not net.tied_to(self.base.unet):
+                raise ValueError(f"{key}: this Control-LoRA is built on another base's weights; load it with this "
+                                 "pipeline's base (pipe.controlnet(path), or load_control(path, unet=pipe.base.unet))")
+            if key in self.controlnets and self.controlnets[key] is not net:
+                self.remove_controlnet(key)
+            net.own_to(self.base.unet.device, self.dtype,
+                       torch.channels_last if self.channels_last else None).eval().requires_grad_(False)
+            self.controlnets[key] = net
+            return net
         if key in self.controlnets and self.controlnets[key] is not net:
             self.remove_controlnet(key)  # the replaced net's compiled / converted models go with it
         net = net.to(self.base.unet.device, self.dtype).eval().requires_grad_(False)

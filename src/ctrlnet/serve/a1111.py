@@ -28,6 +28,7 @@ from pydantic import ConfigDict
 
 from ..annotators import resolution_size
 from ..images import png_bytes, resize_photo, resize_plain, resize_to
+from ..formats import kind_name
 from ..pipeline import Control
 from ..pipeline.ranges import check_args, resolve_seed
 from ..pipeline.schedulers import SCHEDULERS, scheduler_key
@@ -406,7 +407,8 @@ class A1111:
             s.check_resolutions(rgb, params, w)
             control = Control(model=u.model, image=rgb if u.annotator != "inpaint" else None,
                               annotator=u.annotator, annotator_params=params, scale=u.scale, start=u.start,
-                              end=u.end, mode=u.mode, resize_mode=resize, type=u.type)
+                              end=u.end, mode=u.mode, resize_mode=resize,
+                              type=u.type if kind_name(s.pipe.controlnets[u.model]) == "union" else "")
             controls.append(s.checked(control, w))
             save.append(u.save_detected_map)
         # the sampler's own count of steps (img2img runs strength x steps; PLMS one more): the progress

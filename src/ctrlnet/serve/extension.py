@@ -310,14 +310,22 @@ def unit(raw: dict, index: int, titles: dict[str, str], where: str) -> Unit:
                 type=union_type(d.get("union_control_type"), f"{where}.union_control_type"))
 
 
+# The extension's union_control_type labels (and the ones its clients send) -> Union type names.
+UNION_LABELS = {"openpose": "openpose", "depth": "depth", "hed/pidi/scribble/ted": "hed", "soft edge": "hed",
+                "canny/lineart/anime lineart/mlsd": "canny", "hard edge": "canny", "normal map": "normal",
+                "segment": "segment", "tile": "tile", "inpaint": "repaint", "unknown": ""}
+
+
 def union_type(v: Any, where: str) -> str:
     """The extension's ``union_control_type`` label ("Canny/Lineart/Anime Lineart/MLSD", "Depth", "Normal Map",
-    "Unknown", ...) as a Union type name (its first alternative: canny, depth, normal, ...); "" for none."""
-    if blank(v) or v == "Unknown":
+    "Soft Edge", "Unknown", ...) as a Union type name; another name passes through (an alias or a type the
+    net checks); "" for none. Ignored for a unit whose model is not a Union net, as in the extension."""
+    if blank(v):
         return ""
     if not isinstance(v, str):
         raise ValueError(f"{where}: expected a type label such as 'Depth' or 'Canny/Lineart/Anime Lineart/MLSD'")
-    return v.split("/")[0].strip().lower().removesuffix(" map")
+    label = v.strip().lower()
+    return UNION_LABELS.get(label, label.split("/")[0].strip().replace(" ", "_"))
 
 
 def _number(v: Any, where: str) -> float:

@@ -73,10 +73,9 @@ def to_training(net: nn.Module, device) -> nn.Module:
     weights stay as they are (the base's own tensors, in its dtype: ``Module.to`` would convert
     the base's parameters in place)."""
     if isinstance(net, ControlLoRA):
-        with torch.no_grad():
-            for p in trainable_parameters(net):
-                p.data = p.data.to(device, torch.float32)
-                p.requires_grad_(True)
+        net.own_to(device, torch.float32)
+        for p in trainable_parameters(net):
+            p.requires_grad_(True)
         return net.train()
     return net.to(device, torch.float32).requires_grad_(True).train()
 
@@ -101,14 +100,15 @@ def network_config(net: nn.Module) -> dict:
     return d
 
 
-def control_signal(net: nn.Module, noisy: torch.Tensor, t, hidden: torch.Tensor, condition: torch.Tensor,
-                   added: dict | None):
-    """(residuals or None, adapter features or None): what the network adds to the locked UNet."""
+def control_signal(net: nn.Module, call: nn.Module, noisy: torch.Tensor, t, hidden: torch.Tensor,
+                   condition: torch.Tensor, added: dict | None):
+    """(residuals or None, adapter features or None): what the network ``net`` adds to the locked UNet,
+    computed through ``call`` (``net`` itself, or its DistributedDataParallel wrapper)."""
     if isinstance(net, T2IAdapter):
         if net.config.in_channels == 1:
             condition = condition.mean(dim=1, keepdim=True)
-        return None, net(condition)
-    return net(noisy, t, hidden, condition=condition, added_cond_kwargs=added), None
+        return None, call(condition)
+    return call(noisy, t, hidden, condition=condition, added_cond_kwargs=added), None
 
 
 def save_final(net: nn.Module, out_dir: Path) -> Path:

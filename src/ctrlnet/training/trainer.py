@@ -44,6 +44,7 @@ from ..formats.checkpoint import (MANIFEST, flat, latest_checkpoint, load_optimi
                                   verify_checkpoint, write_checkpoint)
 from ..formats.safe_load import CheckpointError
 from ..models.control import controlled_unet_forward, lock
+from ..models.controlnet import ControlNet
 from ..pipeline.text import encode_text, sdxl_time_ids
 from .cache import open_or_build_cache
 from .config import ConfigError, TrainConfig, TrainingError, resume_changes, save_config
@@ -113,7 +114,7 @@ class Trainer:
         # The network (``network``): a copy of the base encoder (the seed), a Control-LoRA on it, or a
         # T2I-Adapter; new, or a checkpoint to continue from (``networks``).
         net = to_training(build_network(c, base.unet), self.acc.device)
-        if c.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+        if c.gradient_checkpointing and isinstance(net, ControlNet):  # a T2I-Adapter is small and has none
             net.enable_gradient_checkpointing()
         fused = self.acc.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(trainable_parameters(net), lr=c.learning_rate,
@@ -274,7 +275,8 @@ class Trainer:
             target = latents
         added = batch.get("added")
         with self.acc.autocast():
-            residuals, features = control_signal(self.net, noisy, t, batch["hidden"], batch["condition"], added)
+            residuals, features = control_signal(self.net_raw, self.net, noisy, t, batch["hidden"], batch["condition"],
+                                                 added)
             wd = self.weight_dtype
             added_wd = {k: v.to(wd) for k, v in added.items()} if added else None
             pred = controlled_unet_forward(self.base.unet, noisy.to(wd), t, batch["hidden"].to(wd), residuals,
