@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_kinds.py sizes                 # params and fp16 file bytes, SD1.5 + SDXL
     .venv/bin/python benchmarks/bench_kinds.py train [--steps 3] [--resolution 256] [--repeat 1]
     .venv/bin/python benchmarks/bench_kinds.py generate [--steps 10] [--resolution 256] [--repeat 2]
-    (--base tiny runs each on a tiny random base: a smoke test of the script, no figures)
+    (--base nano: the bundled nano base, ShapesWorld at --resolution 128, --batch 32 as the nano configs;
+     --base tiny: a tiny random base, a smoke test of the script, no figures)
 
 - ``sizes``: every kind built on the meta device (no memory) from the shipped SD1.5 / SDXL UNet configs:
   the parameters its file stores and their fp16 bytes (the published files are fp16), with Stability's
@@ -72,27 +73,31 @@ def sizes() -> list[dict]:
     return rows
 
 
-def train_child(kind: str, steps: int, resolution: int) -> dict:
+def train_child(kind: str, steps: int, resolution: int, base_name: str, batch: int) -> dict:
+    from ctrlnet.base import load_base
     from ctrlnet.training import load_config
     from ctrlnet.training.trainer import Trainer
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        base = random_sd15_base(tmp)
+        nano = base_name == "nano"
+        base = load_base("nano") if nano else random_sd15_base(tmp)
         data = make_data(tmp, resolution)
-        cfg = load_config(None, dict(base="sd15-random", data=str(data / "prompt_canny.json"), output_dir=str(tmp / "r"),
-                                     resolution=resolution, train_batch_size=1, max_train_steps=steps + 1,
+        cfg = load_config(None, dict(base=base_name, data=str(data / "prompt_canny.json"), output_dir=str(tmp / "r"),
+                                     resolution=resolution, train_batch_size=batch, max_train_steps=steps + 1,
                                      checkpointing_steps=10**6, log_every=1, tensorboard=False, network=kind,
-                                     lora_rank=128, cpu=True))
+                                     lora_rank=16 if nano else 128, cpu=True,
+                                     hint_channels=[16, 32, 64, 128] if nano else [16, 32, 96, 256]))
         tr = Trainer(cfg, progress=False, base=base)
         trainable = sum(p.numel() for p in tr.optimizer.param_groups[0]["params"])
         tr.train()
         log = [json.loads(x) for x in (tmp / "r" / "log.jsonl").read_text().splitlines() if '"loss"' in x]
     times = [r["step_s"] for r in log][1:]
     return {"kind": kind, "trainable_params": trainable, "step_times": times, "step_s": statistics.median(times),
-            "peak_rss_gib": round(peak_rss_gib(), 2), "resolution": resolution, "threads": torch.get_num_threads()}
+            "peak_rss_gib": round(peak_rss_gib(), 2), "resolution": resolution, "batch": batch, "base": base_name,
+            "threads": torch.get_num_threads()}
 
 
-def generation(steps: int, resolution: int, repeat: int, tiny: bool) -> list[dict]:
+def generation(steps: int, resolution: int, repeat: int, base_name: str) -> list[dict]:
     from ctrlnet.base import load_base
     from ctrlnet.models.adapter import adapter_for_unet
     from ctrlnet.models.control_lora import ControlLoRA
@@ -101,10 +106,14 @@ def generation(steps: int, resolution: int, repeat: int, tiny: bool) -> list[dic
     from ctrlnet.pipeline import Control, Pipeline
     from ctrlnet.testbed.tiny import write_tiny_base
     with tempfile.TemporaryDirectory() as d:
-        base = load_base(write_tiny_base(Path(d) / "b", "sd15")) if tiny else random_sd15_base(Path(d))
+        if base_name == "sd15":
+            base = random_sd15_base(Path(d))
+        else:
+            base = load_base(write_tiny_base(Path(d) / "b", "sd15") if base_name == "tiny" else "nano")
         unet = base.unet
+        rank = 128 if base_name == "sd15" else 16
         nets = {"controlnet": ControlNet.from_unet(unet), "union": ControlNetUnion.from_unet(unet, 8),
-                "control_lora": ControlLoRA.from_unet(unet, rank=128),
+                "control_lora": ControlLoRA.from_unet(unet, rank=rank),
                 "t2i_adapter": adapter_for_unet(dict(unet.config)).eval()}
         pipe = Pipeline(base, nets)
         rng = np.random.default_rng(0)
@@ -113,7 +122,7 @@ def generation(steps: int, resolution: int, repeat: int, tiny: bool) -> list[dic
         cases = {"base alone": [], "ControlNet": [Control("controlnet", edges)],
                  "Union, 1 pair": [Control("union", edges, type="canny")],
                  "Union, 2 pairs (one unit)": [Control("union", [edges, depth], type=["canny", "depth"])],
-                 "Control-LoRA r128": [Control("control_lora", edges)],
+                 f"Control-LoRA r{rank}": [Control("control_lora", edges)],
                  "T2I-Adapter": [Control("t2i_adapter", edges)]}
         times: dict[str, list[float]] = {k: [] for k in cases}
         run = lambda controls: pipe("a photo", controls=controls, steps=steps, guidance=7.5, seed=0,  # noqa: E731
@@ -137,11 +146,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--base", default="sd15", choices=["sd15", "tiny"])
+    parser.add_argument("--base", default="sd15", choices=["sd15", "nano", "tiny"])
+    parser.add_argument("--batch", type=int, default=1, help="train: batch size (the nano configs use 32)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(train_child(args.child, args.steps, args.resolution)), flush=True)
+        print("RESULT " + json.dumps(train_child(args.child, args.steps, args.resolution, args.base, args.batch)),
+              flush=True)
         return
     if args.what == "sizes":
         print("| base | kind | parameters stored | fp16 file | of the UNet |\n|---|---|---|---|---|")
@@ -152,7 +163,8 @@ def main() -> None:
         results = []
         for kind in KINDS * args.repeat:
             out = subprocess.run([sys.executable, __file__, "train", "--child", kind, "--steps", str(args.steps or 3),
-                                  "--resolution", str(args.resolution)], capture_output=True, text=True)
+                                  "--resolution", str(args.resolution), "--base", args.base, "--batch", str(args.batch)],
+                                 capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -166,7 +178,7 @@ def main() -> None:
             print(f"| {kind} | {rs[0]['trainable_params'] / 1e6:,.1f} M | {med:.3g} | "
                   f"{max(r['peak_rss_gib'] for r in rs):.2f} |")
     else:
-        rows = generation(args.steps or 10, args.resolution, args.repeat, args.base == "tiny")
+        rows = generation(args.steps or 10, args.resolution, args.repeat, args.base)
         for r in rows:
             print(json.dumps(r))
         print("\n| unit | s/step (median) | over the base alone |\n|---|---|---|")
