@@ -151,7 +151,7 @@ def test_our_warnings_are_shown(tmp_path, capsys):
 def test_errors_lose_terminal_codes_and_repeated_paths(capsys, monkeypatch):
     def failing(path):
         raise CheckpointError(f"\x1b[1;31m{path}: {path}: cannot read\x1b[0m this:\n  \x1b[33mdetails\x1b[0m")
-    monkeypatch.setattr(cli, "inspect_checkpoint", failing)
+    monkeypatch.setattr(cli, "inspect_control", failing)
     assert main(["inspect", "/models/x.pth"]) == 2
     err = error_line(capsys)
     assert err == "ctrlnet inspect: error: /models/x.pth: cannot read this: details\n"
