@@ -63,7 +63,7 @@ def cmd_train(args) -> None:
     config = load_config(resolve_config_path(args.config), args.set)
     out = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # once, also under torchrun / accelerate launch
-        print(f"trained ControlNet: {out}")
+        print(f"trained {config.network}: {out}")
 
 
 CONTROL_KEYS = {"model", "image", "annotator", "scale", "start", "end", "mode", "resize", "every", "type"}
