@@ -7,6 +7,7 @@ pickles: a pickle that needs arbitrary code to load is refused, never executed.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     tmp = path.with_name(path.name + ".tmp")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; a weight file is for other tools and users to read
     tmp.replace(path)
 
 
