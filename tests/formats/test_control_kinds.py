@@ -243,3 +243,27 @@ def test_a_diffusers_layout_adapter_file_without_config_is_inferred(tmp_path):
         loaded = load_control(tmp_path / f"{adapter_type}.safetensors")
         assert loaded.config.adapter_type == adapter_type and list(loaded.config.channels) == \
             list(adapter.config.channels)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_lora_layers_factorized_and_merged_agree(rows):
+    """Training computes W x + up (down x) where that is cheaper, W' = W + up @ down elsewhere: the same
+    outputs and gradients (few positions take the factorized path, many the merged one)."""
+    from ctrlnet.models.control_lora import with_lora
+    torch.manual_seed(0)
+    for layer, x in [(torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), torch.randn(1, 16, rows, 2)),
+                     (torch.nn.Conv2d(16, 32, 1), torch.randn(2, 16, rows, 1)),
+                     (torch.nn.Linear(48, 40), torch.randn(rows, 48))]:
+        lora = with_lora(layer, 4)
+        with torch.no_grad():
+            lora.up.normal_()
+        path = lora.factorized_is_cheaper(x.numel() // x.shape[1 if x.ndim == 4 else -1])
+        assert path == (rows == 1)  # each path is taken by one of the cases
+        out = lora(x)
+        merged = (layer.weight + lora.delta())
+        ref = torch.nn.functional.conv2d(x, merged, layer.bias, layer.stride, layer.padding) if x.ndim == 4 else \
+            torch.nn.functional.linear(x, merged, layer.bias)
+        assert torch.allclose(out, ref, atol=1e-5)
+        grads = torch.autograd.grad(out.square().sum(), [lora.up, lora.down])
+        ref_grads = torch.autograd.grad(ref.square().sum(), [lora.up, lora.down])
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, ref_grads))

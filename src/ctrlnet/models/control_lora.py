@@ -8,8 +8,10 @@ carries: norms, biases, embeddings) are the net's own; every other encoder param
 So the net costs ``rank * (in + out)`` per LoRA layer instead of ``in * out``.
 
 Merged weights: during a generation (``with net.merged():``) each LoRA layer's ``W_base + up @ down`` is
-computed once and kept, so a step costs what a plain ControlNet's does; outside it (and in training)
-the sum is formed at each call and only the deltas are held.
+computed once and kept, so a step costs what a plain ControlNet's does; outside it (training) each layer
+either forms the sum at each call or computes ``W x + up (down x)``, whichever costs less for the
+input's number of positions (``factorized_is_cheaper``: the deep, small levels factorized), and only
+the deltas are held.
 """
 
 from __future__ import annotations
@@ -62,17 +64,32 @@ class LoRAMixin:
             return self._merged
         return self.weight + self.delta().to(self.weight.dtype)
 
+    def factorized_is_cheaper(self, rows: int) -> bool:
+        """Without merged weights (training): whether ``x -> layer(x) + up(down(x))`` (extra work ~ rows *
+        r * (in + out)) costs less than forming ``W + up @ down`` (~ out * r * in) for ``rows`` output
+        positions. Few positions (deep levels, small batches): factorized; many: merged."""
+        fan_in = self.weight[0].numel()
+        return self._merged is None and rows * (fan_in + self.weight.shape[0]) < self.weight.shape[0] * fan_in
+
 
 class LoRAConv2d(LoRAMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the base's weight may be in another dtype than the net's own tensors (a bf16 base, fp32 training)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        rows = x.numel() // x.shape[-3] // (self.stride[0] * self.stride[1])
+        if self.groups == 1 and self.padding_mode == "zeros" and self.factorized_is_cheaper(rows):
+            # W x + up (down x): down is a conv of W's shape with r outputs, up a 1x1 conv
+            h = F.conv2d(x, self.down.to(x.dtype), None, self.stride, self.padding, self.dilation)
+            return self._conv_forward(x, self.weight.to(x.dtype), bias) + F.conv2d(h, self.up.to(x.dtype))
         return self._conv_forward(x, self.merged_weight().to(x.dtype), bias)
 
 
 class LoRALinear(LoRAMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.factorized_is_cheaper(x.numel() // x.shape[-1]):
+            return F.linear(x, self.weight.to(x.dtype), bias) + F.linear(F.linear(x, self.down.to(x.dtype)),
+                                                                           self.up.to(x.dtype))
         return F.linear(x, self.merged_weight().to(x.dtype), bias)
 
 
