@@ -12,9 +12,9 @@
 - ``train``: one ``ctrlnet train`` step per kind on an SD1.5-sized random base (``bench_train.random_sd15_base``),
   batch 1, fp32, each kind in its own process (clean peak RSS): the median of ``--steps`` timed steps after
   one warm-up, ``--repeat`` rounds interleaved.
-- ``generate``: whole 20-step-style calls (``--steps`` DDIM steps, CFG 7.5, batch 1) on the same base, per
-  kind and for the base alone, interleaved over ``--repeat`` rounds in one process; s/step is the call's
-  wall time over its steps (prompt encoding and decoding included, as a user waits for them).
+- ``generate``: whole calls (``--steps`` DDIM steps, CFG 7.5, batch 1, latents out) on the same base, per
+  kind and for the base alone (first and last in each round), interleaved over ``--repeat`` rounds in one
+  process; s/step is the call's wall time over its steps (prompt encoding included).
 """
 
 from __future__ import annotations
@@ -130,10 +130,11 @@ def generation(steps: int, resolution: int, repeat: int, base_name: str) -> list
         run([])  # warm-up: first calls allocate and pack
         for name, controls in cases.items():
             run(controls)
+        order = list(cases) + ["base alone"]  # the base alone first and last in each round: drift shows
         for _ in range(repeat):
-            for name, controls in cases.items():
+            for name in order:
                 t0 = time.perf_counter()
-                run(controls)
+                run(cases[name])
                 times[name].append((time.perf_counter() - t0) / steps)
     base_s = statistics.median(times["base alone"])
     return [{"case": k, "s_per_step": round(statistics.median(v), 3), "rounds": [round(x, 3) for x in v],
