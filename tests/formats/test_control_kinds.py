@@ -267,3 +267,20 @@ def test_lora_layers_factorized_and_merged_agree(rows):
         grads = torch.autograd.grad(out.square().sum(), [lora.up, lora.down])
         ref_grads = torch.autograd.grad(ref.square().sum(), [lora.up, lora.down])
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, ref_grads))
+
+
+def test_merged_lora_layers_never_read_the_base_weight():
+    """In a generation the base's weights may be packed away (prepack in place: empty storage) while the
+    merged weights are in use: a LoRA layer must not read its base weight then."""
+    from ctrlnet.models.control_lora import with_lora
+    torch.manual_seed(0)
+    lora = with_lora(torch.nn.Conv2d(8, 8, 3, padding=1), 2)
+    x = torch.randn(1, 8, 1, 1)  # few positions: outside merged() the factorized path would read the weight
+    expected = lora(x)
+    lora._merged = (lora.weight + lora.delta()).detach()
+    kept = lora.weight.data
+    lora.weight.data = torch.empty(0)
+    try:
+        assert torch.allclose(lora(x), expected, atol=1e-6)
+    finally:
+        lora.weight.data, lora._merged = kept, None

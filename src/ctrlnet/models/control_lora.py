@@ -68,8 +68,10 @@ class LoRAMixin:
         """Without merged weights (training): whether ``x -> layer(x) + up(down(x))`` (extra work ~ rows *
         r * (in + out)) costs less than forming ``W + up @ down`` (~ out * r * in) for ``rows`` output
         positions. Few positions (deep levels, small batches): factorized; many: merged."""
-        fan_in = self.weight[0].numel()
-        return self._merged is None and rows * (fan_in + self.weight.shape[0]) < self.weight.shape[0] * fan_in
+        if self._merged is not None:  # a generation: merged once (the base's weights may be packed away now)
+            return False
+        fan_in, out = self.down[0].numel(), self.up.shape[0]  # the net's own tensors: W's fan-in and outputs
+        return rows * (fan_in + out) < out * fan_in
 
 
 class LoRAConv2d(LoRAMixin, nn.Conv2d):
