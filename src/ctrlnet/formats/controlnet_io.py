@@ -31,7 +31,7 @@ from ..models.union import ControlNetUnion, UnionConfig
 from ..names import UnknownName, controlnet_path, is_nano, is_training_checkpoint
 from .checkpoint import controlnet_from_checkpoint, read_checkpoint, unflat
 from .keymap import build_keymap
-from .safe_load import CheckpointError, read_config_json, read_state_dict, write_model_folder, write_safetensors
+from .safe_load import CheckpointError, json_field, read_config_json, read_state_dict, write_model_folder, write_safetensors
 
 PREFIX = "control_model."
 # keys of a whole Stable Diffusion checkpoint (CompVis / SGM single file): UNet, VAE, text encoder(s)
@@ -81,10 +81,7 @@ def refuse_base_folder(path: Path) -> None:
     """A clear error for a diffusers base pipeline folder (``model_index.json``) given as a ControlNet."""
     index = path / "model_index.json"
     if index.is_file():
-        try:
-            kind = json.loads(index.read_text()).get("_class_name", "a diffusers pipeline")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            kind = "a diffusers pipeline"
+        kind = json_field(index, "_class_name", "a diffusers pipeline")
         raise CheckpointError(f"{path}: a base model folder ({kind}: model_index.json), not a ControlNet; "
                               f"{NOT_A_CONTROLNET}")
 

@@ -12,7 +12,6 @@ A Control-LoRA has no architecture of its own: loading it needs the base UNet (`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from .control_lora_io import (MARKER, hint_channels, load_control_lora, lora_sum
                               save_control_lora)
 from .controlnet_io import (UNION_KEYS, _config_from_metadata, _read_diffusers_config, infer_config_from_diffusers_keys,
                             inspect_checkpoint, load_controlnet, resolve, save_controlnet)
-from .safe_load import CheckpointError, read_state_dict
+from .safe_load import CheckpointError, json_field, read_state_dict
 
 KINDS = ("controlnet", "union", "control_lora", "t2i_adapter")
 FOLDER_CLASSES = {"ControlNetModel": "controlnet", "ControlNetUnionModel": "union", "T2IAdapter": "t2i_adapter"}
@@ -54,19 +53,9 @@ def kind_of(path: str | Path) -> str:
     """The kind of a file or folder (a bundled name or training checkpoint is a ControlNet)."""
     path = resolve(path)
     if is_training_checkpoint(path):  # `ctrlnet train` checkpoint: its config says (older ones: controlnet)
-        try:
-            return json.loads((path / "state.json").read_text()).get("network", "controlnet")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return "controlnet"
+        return json_field(path / "state.json", "network", "controlnet")
     if path.is_dir():
-        config = path / "config.json"
-        if config.is_file():
-            try:
-                cls = json.loads(config.read_text()).get("_class_name", "ControlNetModel")
-            except (OSError, json.JSONDecodeError, AttributeError):
-                cls = "ControlNetModel"
-            return FOLDER_CLASSES.get(cls, "controlnet")
-        return "controlnet"
+        return FOLDER_CLASSES.get(json_field(path / "config.json", "_class_name", "ControlNetModel"), "controlnet")
     tensors, metadata = read_state_dict(path)
     return metadata.get("ctrlnet_kind") or detect_kind(tensors)
 

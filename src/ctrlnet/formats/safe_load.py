@@ -100,3 +100,13 @@ def write_model_folder(out: str | Path, tensors: dict[str, torch.Tensor], config
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(out / "config.json")
     return out
+
+
+def json_field(path: str | Path, key: str, default: str) -> str:
+    """One field of a small JSON file (a folder's config, a checkpoint's state), ``default`` when the file
+    or the field is missing or unreadable: for telling kinds apart, never for loading."""
+    try:
+        value = json.loads(Path(path).read_text()).get(key, default)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return default
+    return value if isinstance(value, str) else default
