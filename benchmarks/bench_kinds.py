@@ -164,7 +164,8 @@ def main() -> None:
         results = []
         for kind in KINDS * args.repeat:
             out = subprocess.run([sys.executable, __file__, "train", "--child", kind, "--steps", str(args.steps or 3),
-                                  "--resolution", str(args.resolution), "--base", args.base, "--batch", str(args.batch)],
+                                  "--resolution", str(args.resolution), "--base", args.base,
+                                  "--batch", str(args.batch)],
                                  capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:

@@ -7,4 +7,5 @@ from .safe_load import CheckpointError, read_state_dict, write_safetensors
 
 __all__ = ["CheckpointError", "read_state_dict", "write_safetensors", "build_keymap", "diffusers_to_original_key",
            "detect_format", "infer_config", "load_controlnet", "save_controlnet", "inspect_checkpoint",
-           "CONVERSIONS", "KINDS", "detect_kind", "kind_of", "kind_name", "load_control", "inspect_control", "convert_control"]
+           "CONVERSIONS", "KINDS", "detect_kind", "kind_of", "kind_name", "load_control", "inspect_control",
+           "convert_control"]

@@ -31,7 +31,8 @@ from ..models.union import ControlNetUnion, UnionConfig
 from ..names import UnknownName, controlnet_path, is_nano, is_training_checkpoint
 from .checkpoint import controlnet_from_checkpoint, read_checkpoint, unflat
 from .keymap import build_keymap
-from .safe_load import CheckpointError, json_field, read_config_json, read_state_dict, write_model_folder, write_safetensors
+from .safe_load import (CheckpointError, json_field, read_config_json, read_state_dict, write_model_folder,
+                        write_safetensors)
 
 PREFIX = "control_model."
 # keys of a whole Stable Diffusion checkpoint (CompVis / SGM single file): UNet, VAE, text encoder(s)

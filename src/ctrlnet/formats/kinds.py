@@ -1,11 +1,14 @@
 """Every kind of control network, told apart by its keys, loaded, inspected and converted.
 
-| kind | detected by | layouts |
-|---|---|---|
-| ``controlnet`` | ``controlnet_cond_embedding.*`` / ``control_model.*`` / ``input_hint_block.*`` | diffusers folder, single file, original |
-| ``union`` | ``task_embedding`` (+ ``control_add_embedding.*``); 6 or 8 types by its rows | diffusers folder, single file |
-| ``control_lora`` | ``lora_controlnet`` | Stability's single file (original names, ``.up``/``.down``) |
-| ``t2i_adapter`` | ``conv_in`` + ``body.0.block1`` / ``body.0.in_conv`` / ``adapter.body.0.resnets`` | diffusers folder, original file |
+Kinds, the keys that tell them, their layouts:
+
+- ``controlnet``: keys ``controlnet_cond_embedding.*`` / ``control_model.*`` / ``input_hint_block.*``;
+  a diffusers folder, a single file, the original layout;
+- ``union``: ``task_embedding`` (+ ``control_add_embedding.*``), 6 or 8 types by its rows; a diffusers
+  folder, a single file;
+- ``control_lora``: ``lora_controlnet``; Stability's single file (original names, ``.up``/``.down``);
+- ``t2i_adapter``: ``conv_in`` + ``body.0.block1`` / ``body.0.in_conv`` / ``adapter.body.0.resnets``; a
+  diffusers folder, TencentARC's original file.
 
 A Control-LoRA has no architecture of its own: loading it needs the base UNet (``unet=``).
 """
@@ -103,7 +106,8 @@ def network_from_checkpoint(path: Path, kind: str, unet: nn.Module | None) -> Co
         raise CheckpointError(f"{path}: a Control-LoRA checkpoint is deltas on a base's weights; load it with its "
                               "base (load_control(path, unet=base.unet))")
     net = ControlLoRA.from_unet(unet, rank=config["lora_rank"], conditioning_channels=config["conditioning_channels"],
-                                conditioning_embedding_out_channels=tuple(config["conditioning_embedding_out_channels"]))
+                                conditioning_embedding_out_channels=tuple(
+                                    config["conditioning_embedding_out_channels"]))
     missing = net.load_state_dict(weights, strict=False)
     absent = [k for k in missing.missing_keys if k not in net.tied]
     if absent or missing.unexpected_keys:
@@ -140,7 +144,8 @@ def inspect_control(path: str | Path) -> dict[str, Any]:
     if kind == "t2i_adapter":
         adapter, fmt = load_adapter(path)
         c = adapter.config
-        base = "sdxl" if c.adapter_type == "full_adapter_xl" else ("sd15" if list(c.channels)[:1] == [320] else "custom")
+        base = "sdxl" if c.adapter_type == "full_adapter_xl" else (
+            "sd15" if list(c.channels)[:1] == [320] else "custom")
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in adapter.parameters()})
         return {"kind": kind, "path": str(path), "format": fmt, "base": base, "adapter_type": c.adapter_type,
                 "in_channels": c.in_channels, "channels": list(c.channels), "num_res_blocks": c.num_res_blocks,

@@ -39,8 +39,8 @@ from ..models.controlnet import ControlNet
 from ..names import NANO, is_nano
 from ..prepack import PackedWeights
 from ..prepack import available as packing_available
-from .sampling import (ActiveAdapter, ActiveControl, Inpainting, RegionBatch, check_control, decode, default_guidance, denoise,
-                       encode_image, initial_noise)
+from .sampling import (ActiveAdapter, ActiveControl, Inpainting, RegionBatch, check_control, decode, default_guidance,
+                       denoise, encode_image, initial_noise)
 from .openvino import OpenVINOBackend
 from .ranges import MAX_SIDE, check_args, resolve_seed
 from .schedulers import make_scheduler, sampler_label

@@ -24,7 +24,8 @@ def text_to_image(base: LockedBase, prompts: list[str], steps: int = 25, guidanc
                   conditions: Sequence[torch.Tensor] = (), scales: Sequence[float] | None = None) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for ``prompts``; sample b's noise depends on (seed, b) only.
 
-    ``controlnets[i]`` (a ControlNet of any kind, or a T2I-Adapter) is driven by ``conditions[i]`` ((B, 3, H, W) in [0, 1]) at ``scales[i]``;
+    ``controlnets[i]`` (a ControlNet of any kind, or a T2I-Adapter) is driven by ``conditions[i]``
+    ((B, 3, H, W) in [0, 1]) at ``scales[i]``;
     each net's hint features are computed once, not per step. ``guidance``/``guidance_rescale``
     default to the base's own (``sampling.default_guidance``). Numbers are checked against
     ``ranges.RANGES`` as ``Pipeline``'s are; ``seed`` must be given (no -1: nothing here would

@@ -140,7 +140,8 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 _bad(name, " or ".join(choices), getattr(self, name))
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution",
-                     "conditioning_channels", "lora_rank", "adapter_res_blocks", "checkpointing_steps", "checkpoints_total_limit", "log_every",
+                     "conditioning_channels", "lora_rank", "adapter_res_blocks", "checkpointing_steps",
+                     "checkpoints_total_limit", "log_every",
                      "validation_steps", "num_validation_samples", "validation_inference_steps"):
             if getattr(self, name) < 1:
                 _bad(name, ">= 1", getattr(self, name))

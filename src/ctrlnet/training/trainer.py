@@ -50,8 +50,8 @@ from .cache import open_or_build_cache
 from .config import ConfigError, TrainConfig, TrainingError, resume_changes, save_config
 from .data import ControlDataset, DataError, condition_to_tensor, image_to_tensor, read_records
 from .monitor import Monitor
-from .networks import (FINAL_NAMES, build_network, control_signal, ema_copy, network_config, save_final, tied, to_training,
-                       trainable_parameters, trainable_state)
+from .networks import (FINAL_NAMES, build_network, control_signal, ema_copy, network_config, save_final, tied,
+                       to_training, trainable_parameters, trainable_state)
 
 
 def generator(seed: int, kind: str, n: int) -> torch.Generator:
