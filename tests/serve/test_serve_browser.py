@@ -71,3 +71,56 @@ def test_page_upload_preview_generate(server, shapes_sample, tmp_path):
     keep.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, keep / shot.name)  # for a person to look at; outputs/ is not tracked
     assert shot.stat().st_size > 10_000
+
+
+def test_page_offers_union_types_and_sends_the_chosen_one(shapes_sample, tmp_path):
+    """A server offering a Union ControlNet (built here for the nano base): the page shows a Type menu
+    with the net's types for it (and none for a classic net), and the generated image's parameters name
+    the type chosen."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = chromium_path()
+    import torch
+    from servekit import launch, stop
+    from ctrlnet.base import load_base
+    from ctrlnet.formats import save_controlnet
+    from ctrlnet.models.union import ControlNetUnion
+    torch.manual_seed(0)
+    net = ControlNetUnion.from_unet(load_base("nano").unet, 8)
+    save_controlnet(net, tmp_path / "union")
+    weights = tmp_path / "no-weights"
+    weights.mkdir()
+    client = launch(["--controlnet", f"union={tmp_path / 'union'}"], tmp_path / "server.log", weights)
+    sample, maps = shapes_sample
+    edges = tmp_path / "edges.png"
+    edges.write_bytes(png(maps["canny"]))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=FLAGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.set_default_timeout(HANG_MS)
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(client.url + "/")
+                page.wait_for_selector("body[data-ready='1']")
+                unit = page.locator(".unit").first
+                unit.locator(".unit-model").select_option("nano-canny")
+                assert unit.locator(".unit-type-box").is_hidden()
+                unit.locator(".unit-model").select_option("union")
+                assert unit.locator(".unit-type-box").is_visible()
+                assert unit.locator(".unit-type option").count() == 8
+                unit.locator(".unit-type").select_option("depth")
+                unit.locator(".unit-annotator").select_option("")
+                unit.locator(".unit-image").set_input_files(str(edges))
+                page.wait_for_selector(".unit-input:not([hidden])")
+                page.fill("#prompt", sample.prompt)
+                page.fill("#steps", "2")
+                page.click("#generate")
+                page.wait_for_selector("#gallery .result-image")
+                result = decode_data_url(page.locator("#gallery .result-image").first.get_attribute("src"))
+                assert "Type: depth" in result.text["parameters"] and "Model: union" in result.text["parameters"]
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        stop(client)
